@@ -1,0 +1,1 @@
+"""The `sft` command line application (installed as the `sftstore_cli` package)."""

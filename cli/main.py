@@ -1,0 +1,284 @@
+"""The `sft` command line: parse, call the library, print a table (or JSON with `--json`)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sftstore import SftError, __version__
+from sftstore.naming import DeltaRef
+from sftstore.settings import base_key, config_path, default_base
+from sftstore.store import DeltaStore, StoredVersion
+
+console = Console()
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+class SftGroup(click.Group):
+    """Turns library errors into one clean line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SftError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def base_option(required: bool = False):
+    help_text = "Base model (Hub id or local directory). Default: $SFTSTORE_BASE or 'base' in the config file."
+    return click.option("--base", envvar="SFTSTORE_BASE", default=None, help=help_text, required=False, metavar="BASE",
+                        callback=lambda ctx, param, value: _resolve_base(value, required))
+
+
+def _resolve_base(value: str | None, required: bool) -> str | None:
+    value = value or default_base()
+    if value is None and required:
+        raise click.UsageError(f"no base model: pass --base, set SFTSTORE_BASE, or put base = \"...\" in {config_path()}")
+    return base_key(value) if value else None
+
+
+def _store() -> DeltaStore:
+    return DeltaStore()
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _versions_table(versions: list[StoredVersion], title: str | None = None) -> Table:
+    table = Table(title=title)
+    for column in ("ref", "aliases", "base", "nnz", "density", "size", "created", "source"):
+        table.add_column(column, justify="right" if column in ("nnz", "density", "size") else "left")
+    for v in versions:
+        table.add_row(
+            v.ref, ",".join(v.aliases), v.base, f"{v.nnz:,}", f"{v.density:.3%}", _size(v.size),
+            v.created_at, v.source.get("type", ""),
+        )
+    return table
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return ""
+
+
+@click.group(cls=SftGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sft")
+def cli() -> None:
+    """Composable sparse fine-tuning: store, version and compose sparse deltas of multilingual models.
+
+    The store lives in $SFTSTORE_HOME (default ~/.cache/sftstore). References look like
+    lang/hau, task/ner@2 or lang/hau@best.
+    """
+
+
+@cli.command("list")
+@base_option()
+@click.option("--kind", type=click.Choice(["language", "task"]), help="Only this kind.")
+@click.option("--name", help="Only this language code or task name.")
+@JSON_OPTION
+def list_command(base, kind, name, as_json) -> None:
+    """List stored deltas and their versions."""
+    versions = _store().list(base=base, kind=kind, name=name)
+    if as_json:
+        _print_json([v.to_dict() for v in versions])
+    elif not versions:
+        click.echo("The store is empty." if not (base or kind or name) else "No delta matches.")
+    else:
+        console.print(_versions_table(versions))
+
+
+@cli.command()
+@click.argument("ref")
+@base_option()
+@JSON_OPTION
+def show(ref, base, as_json) -> None:
+    """Show one version: manifest, provenance and non-zeros per layer."""
+    store = _store()
+    version = store.resolve(ref, base)
+    manifest = store.manifest(version)
+    layers = store.load(version).layer_summary()
+    if as_json:
+        _print_json({**version.to_dict(), "manifest": manifest,
+                     "layers": [{"layer": r.name, "numel": r.numel, "nnz": r.nnz, "density": r.density} for r in layers]})
+        return
+    console.print(_versions_table([version], title=f"{version.ref} ({version.base})"))
+    details = Table(show_header=False)
+    for key in ("kind", "language", "task", "task_type", "labels", "method", "num_parameters", "values_dtype",
+                "training", "metrics", "lineage", "tensors_sha256"):
+        if manifest.get(key) not in (None, [], {}):
+            details.add_row(key, json.dumps(manifest[key]) if isinstance(manifest[key], (dict, list)) else str(manifest[key]))
+    details.add_row("base_model", json.dumps(manifest["base_model"]))
+    details.add_row("source", json.dumps(version.source))
+    console.print(details)
+    table = Table(title="non-zeros per layer (touched parameters)")
+    for column in ("layer", "parameters", "nnz", "density"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in layers:
+        table.add_row(row.name, f"{row.numel:,}", f"{row.nnz:,}", f"{row.density:.3%}")
+    console.print(table)
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("alias")
+@base_option()
+def tag(ref, alias, base) -> None:
+    """Point ALIAS (e.g. best) at the version REF names."""
+    version = _store().tag(ref, alias, base)
+    click.echo(f"{DeltaRef(version.kind, version.name, alias)} -> {version.ref}")
+
+
+@cli.command()
+@click.argument("ref")
+@base_option()
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before removing every version.")
+def rm(ref, base, yes) -> None:
+    """Remove a version (lang/hau@2), or every version of a delta (lang/hau). Blobs go at the next gc."""
+    parsed = DeltaRef.parse(ref)
+    if parsed.selector is None and not yes:
+        count = len(_store().list(base=base, kind=parsed.kind, name=parsed.name))
+        click.confirm(f"Remove all {count} version(s) of {parsed}?", abort=True)
+    for version in _store().remove(parsed, base):
+        click.echo(f"removed {version.ref} ({version.base})")
+
+
+@cli.command()
+@JSON_OPTION
+def verify(as_json) -> None:
+    """Re-hash every stored file; exit with status 1 if anything is missing or damaged."""
+    damage = _store().verify(progress=not as_json)
+    if as_json:
+        _print_json([d.__dict__ for d in damage])
+    elif damage:
+        table = Table(title="damaged")
+        for column in ("ref", "base", "file", "problem"):
+            table.add_column(column)
+        for d in damage:
+            table.add_row(d.ref, d.base, d.file, d.problem)
+        console.print(table)
+    else:
+        click.echo("All stored versions verified.")
+    if damage:
+        raise SystemExit(1)
+
+
+@cli.command()
+@JSON_OPTION
+def gc(as_json) -> None:
+    """Delete blobs that no version references and abandoned temp files."""
+    report = _store().gc()
+    if as_json:
+        _print_json(report.__dict__)
+    else:
+        click.echo(f"removed {report.removed_blobs} blob(s), {_size(report.freed_bytes)}; "
+                   f"{report.removed_temp_files} stale temp file(s)")
+
+
+@cli.command("import")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@JSON_OPTION
+def import_command(directory, as_json) -> None:
+    """Validate an artifact directory and add it to the store as the next version."""
+    version, created = _store().import_directory(directory)
+    if as_json:
+        _print_json({**version.to_dict(), "created": created})
+    else:
+        click.echo(f"{'added' if created else 'already stored as'} {version.ref} ({version.base}): "
+                   f"{version.nnz:,} non-zeros, {version.density:.3%}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@base_option()
+def export(ref, directory, base) -> None:
+    """Write a stored version out as an artifact directory."""
+    out = _store().export(ref, directory, base)
+    click.echo(f"exported {ref} to {out}")
+
+
+@cli.command()
+@base_option(required=True)
+@click.option("--task", help="Task delta: NAME[@VERSION|@ALIAS], e.g. ner or ner@2.")
+@click.option("--lang", help="Language delta: CODE[@VERSION|@ALIAS], e.g. hau.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Save a transformers model directory here.")
+@click.option("--device", default=None, help="Device to compose on (default: cuda when available, else cpu).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Weights dtype (default: as stored).")
+@click.option("--force", is_flag=True, help="Compose even if the base model's fingerprint differs from the deltas'.")
+@click.option("--text", help="Run the composed model's pipeline on this text and print the result.")
+@JSON_OPTION
+def compose(base, task, lang, out, device, dtype, force, text, as_json) -> None:
+    """Compose a task and/or language delta onto the base model for zero-shot inference."""
+    from sftstore.compose import compose as compose_deltas
+
+    if not task and not lang:
+        raise click.UsageError("name at least one of --task and --lang")
+    store = _store()
+    refs = [DeltaRef.parse(value, kind) for value, kind in ((task, "task"), (lang, "language")) if value]
+    started = time.perf_counter()
+    versions = [store.resolve(ref, base) for ref in refs]
+    deltas = [store.load(version) for version in versions]
+    loaded = time.perf_counter()
+    composed = compose_deltas(base, deltas, device=device, dtype=dtype, force=force)
+    composed_at = time.perf_counter()
+    result = {
+        "base": base,
+        "deltas": [v.ref for v in versions],
+        "nnz": sum(d.nnz for d in deltas),
+        "device": str(composed.device),
+        "seconds": {"load_deltas": round(loaded - started, 3), "load_base_and_compose": round(composed_at - loaded, 3)},
+    }
+    if out is not None:
+        result["out"] = str(composed.save(out))
+    if text is not None:
+        result["prediction"] = _predict(composed, text)
+    if as_json:
+        _print_json(result)
+        return
+    click.echo(f"composed {' + '.join(result['deltas'])} onto {base} on {result['device']} "
+               f"({result['nnz']:,} non-zeros; deltas loaded in {result['seconds']['load_deltas']} s, "
+               f"base loaded and composed in {result['seconds']['load_base_and_compose']} s)")
+    if out is not None:
+        click.echo(f"saved to {out}: load it with transformers' from_pretrained or pipeline()")
+    if text is not None:
+        click.echo(json.dumps(result["prediction"], ensure_ascii=False, default=str))
+
+
+def _predict(composed, text: str):
+    from transformers import pipeline
+
+    task_types = {d.config.task_type for d in composed.deltas if d.kind == "task"}
+    pipeline_task = {"token-classification": "token-classification", "sequence-classification": "text-classification"}
+    task = next((pipeline_task[t] for t in task_types if t in pipeline_task), None)
+    if task is None or composed.tokenizer is None:
+        raise click.UsageError("--text needs a token- or sequence-classification task delta and a base with a tokenizer")
+    runner = pipeline(task, model=composed.model, tokenizer=composed.tokenizer, device=composed.device)
+    return runner(text)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the demo's store, artifacts and composed model here (default: a temp directory).")
+def demo(workdir) -> None:
+    """Offline demo: build a tiny model and deltas, store, compose, hot-swap, revert, reload."""
+    from sftstore.demo import run_demo
+
+    if workdir is not None:
+        run_demo(workdir, click.echo)
+        return
+    with tempfile.TemporaryDirectory(prefix="sft-demo-") as tmp:
+        run_demo(tmp, click.echo)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,387 @@
+"""The SparseDelta: sparse differences from a base model's weights, plus dense task-head tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import BaseModelInfo, DeltaConfig
+from .errors import BaseModelMismatchError, DeltaFormatError
+from .modeling import base_parameters, fingerprint, head_parameters
+from .settings import base_key
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_LAYER_RE = re.compile(r"^(.*?\blayers?\.\d+)\.")
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 flat indices, int64 only for a parameter of 2**31 elements or more."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    # A finite sum proves every term finite (NaN and Inf propagate); only an overflowing sum of
+    # finite values needs the elementwise check. One reduction instead of a boolean copy.
+    return bool(torch.isfinite(values.sum(dtype=torch.float32))) or bool(torch.isfinite(values).all())
+
+
+@dataclass(frozen=True)
+class ParameterDelta:
+    """The non-zero differences of one parameter: flat row-major `indices` (sorted, unique) and `values`."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> "ParameterDelta":
+        return ParameterDelta(self.indices.to(device), self.values.to(device), self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        """The full difference tensor (float32), for inspection and tests."""
+        dense = torch.zeros(self.numel, dtype=torch.float32, device=self.values.device)
+        dense[self.indices.long()] = self.values.float()
+        return dense.view(self.shape)
+
+    def validate(self, name: str, where: str) -> None:
+        """Raise `DeltaFormatError` naming `where` and the tensor if the entry is malformed."""
+        if any(not isinstance(d, int) or d < 0 for d in self.shape):
+            raise DeltaFormatError(f"{where}: shape of '{name}' is {list(self.shape)}; expected non-negative ints")
+        idx, val = self.indices, self.values
+        if idx.dtype not in INDEX_DTYPES:
+            raise DeltaFormatError(f"{where}: tensor '{name}::indices' has dtype {idx.dtype}; expected int32 or int64")
+        if val.dtype not in VALUE_DTYPES:
+            raise DeltaFormatError(
+                f"{where}: tensor '{name}::values' has dtype {val.dtype}; expected float32, bfloat16 or float16"
+            )
+        if idx.dim() != 1 or val.dim() != 1:
+            raise DeltaFormatError(f"{where}: tensors '{name}::indices' and '{name}::values' must be 1-D")
+        if idx.numel() != val.numel():
+            raise DeltaFormatError(
+                f"{where}: '{name}::indices' has {idx.numel()} entries but '{name}::values' has {val.numel()}"
+            )
+        if idx.numel() == 0:
+            return
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise DeltaFormatError(f"{where}: tensor '{name}::indices' is not strictly increasing (unsorted or duplicated)")
+        if int(idx[0]) < 0 or int(idx[-1]) >= self.numel:
+            raise DeltaFormatError(
+                f"{where}: tensor '{name}::indices' holds {int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])}, "
+                f"outside [0, {self.numel}) for shape {list(self.shape)}"
+            )
+        if not _all_finite(val):
+            raise DeltaFormatError(f"{where}: tensor '{name}::values' holds NaN or Inf")
+
+
+def validate_tensors(params: Mapping[str, ParameterDelta], head: Mapping[str, torch.Tensor], where: str) -> None:
+    """Check every sparse entry and head tensor; raise `DeltaFormatError` at the first fault."""
+    for name, entry in params.items():
+        entry.validate(name, where)
+    for name, tensor in head.items():
+        if tensor.dtype not in VALUE_DTYPES:
+            raise DeltaFormatError(f"{where}: head tensor 'head::{name}' has dtype {tensor.dtype}; expected a float dtype")
+        if tensor.numel() and not _all_finite(tensor):
+            raise DeltaFormatError(f"{where}: head tensor 'head::{name}' holds NaN or Inf")
+
+
+@dataclass(frozen=True)
+class ParameterSummary:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    nnz: int
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+
+def layer_of(name: str) -> str:
+    """Group a parameter name by layer: `encoder.layer.3`, else its first component (`embeddings`)."""
+    match = _LAYER_RE.match(name)
+    return match.group(1) if match else name.split(".", 1)[0]
+
+
+class SparseDelta:
+    """Sparse differences from a base model's parameters, the task head (if any) and a manifest.
+
+    `params` maps base-model parameter names (as in `model.base_model.named_parameters()`) to
+    `ParameterDelta`s; `head` maps full parameter names of a task model (`classifier.weight`) to
+    dense tensors. Build one with `from_models` or `from_tensors`, read one with `from_pretrained`.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, ParameterDelta],
+        config: DeltaConfig,
+        head: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.params = dict(params)
+        self.head = dict(head or {})
+        self.config = config
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        shapes: Mapping[str, tuple[int, ...]],
+        config: DeltaConfig,
+        head: Mapping[str, torch.Tensor] | None = None,
+    ) -> "SparseDelta":
+        """Build from `{name: (indices, values)}` and `{name: shape}`, validating everything."""
+        missing = set(tensors) ^ set(shapes)
+        if missing:
+            raise DeltaFormatError(f"tensors and shapes name different parameters: {sorted(missing)}")
+        params = {
+            name: ParameterDelta(idx, val, tuple(int(d) for d in shapes[name])) for name, (idx, val) in tensors.items()
+        }
+        validate_tensors(params, head or {}, "from_tensors")
+        return cls(params, config, head)
+
+    @classmethod
+    @torch.no_grad()
+    def from_models(
+        cls,
+        base: nn.Module,
+        tuned: nn.Module,
+        *,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        base_id: str | None = None,
+        base_revision: str | None = None,
+        values_dtype: torch.dtype = torch.float32,
+        **config_fields,
+    ) -> "SparseDelta":
+        """The delta `tuned - base` over the base model's parameters (within `masks` if given).
+
+        Only changed entries are kept. Task deltas (`kind="task"`) carry `tuned`'s head densely.
+        `config_fields` are `DeltaConfig` fields (`kind`, `language`, `task`, `task_type`, `labels`,
+        `method`, ...); the base model's fingerprint and parameter count are filled in here.
+        """
+        base_params, tuned_params = base_parameters(base), base_parameters(tuned)
+        if base_params.keys() != tuned_params.keys():
+            diff = sorted(base_params.keys() ^ tuned_params.keys())
+            raise BaseModelMismatchError(f"base and tuned models have different parameters: {diff[:5]}")
+        params = {}
+        for name, base_param in base_params.items():
+            flat_diff = (tuned_params[name].detach().reshape(-1) - base_param.detach().reshape(-1)).float()
+            keep = flat_diff != 0
+            if masks is not None:
+                keep &= masks[name].reshape(-1).to(keep.device) if name in masks else torch.zeros_like(keep)
+            indices = keep.nonzero().squeeze(1)
+            if indices.numel():
+                params[name] = ParameterDelta(
+                    indices.to(index_dtype_for(base_param.numel())).cpu(),
+                    flat_diff[indices].to(values_dtype).cpu(),
+                    tuple(base_param.shape),
+                )
+        head = {}
+        if config_fields.get("kind") == "task":
+            head = {name: p.detach().cpu().clone() for name, p in head_parameters(tuned).items()}
+            labels = getattr(tuned.config, "id2label", None)
+            if "labels" not in config_fields and labels and config_fields.get("task_type") != "masked-lm":
+                config_fields["labels"] = [labels[i] for i in range(len(labels))]
+        digests = fingerprint(base)
+        config = DeltaConfig(
+            base_model=BaseModelInfo(
+                id=base_id or base_key(getattr(base, "name_or_path", "") or "unknown"),
+                arch_digest=digests.arch_digest,
+                weights_digest=digests.weights_digest,
+                revision=base_revision,
+            ),
+            num_parameters=sum(p.numel() for p in base_params.values()),
+            **config_fields,
+        )
+        delta = cls(params, config, head)
+        validate_tensors(delta.params, delta.head, "from_models")
+        return delta
+
+    # ---- inspection ---------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def nnz(self) -> int:
+        return sum(entry.nnz for entry in self.params.values())
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the base model (the denominator of `density`)."""
+        return self.config.num_parameters
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.num_parameters
+
+    @property
+    def values_dtype(self) -> torch.dtype:
+        dtypes = {entry.values.dtype for entry in self.params.values()}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        entry = next(iter(self.params.values()), None)
+        return entry.values.device if entry is not None else torch.device("cpu")
+
+    def summary(self) -> list[ParameterSummary]:
+        """One row per touched parameter: shape, size, non-zeros."""
+        return [ParameterSummary(n, e.shape, e.numel, e.nnz) for n, e in sorted(self.params.items())]
+
+    def layer_summary(self) -> list[ParameterSummary]:
+        """Non-zeros per layer (`embeddings`, `encoder.layer.N`, ...), over the touched parameters."""
+        layers: dict[str, list[int]] = {}
+        for row in self.summary():
+            totals = layers.setdefault(layer_of(row.name), [0, 0])
+            totals[0] += row.numel
+            totals[1] += row.nnz
+        return [ParameterSummary(layer, (), numel, nnz) for layer, (numel, nnz) in layers.items()]
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseDelta(kind={self.kind!r}, name={self.name!r}, base={self.config.base_model.id!r}, "
+            f"nnz={self.nnz}, density={self.density:.4%}, head={sorted(self.head)})"
+        )
+
+    def to(self, device: torch.device | str) -> "SparseDelta":
+        """A copy whose tensors live on `device` (apply then does no host-to-device copies)."""
+        params = {name: entry.to(device) for name, entry in self.params.items()}
+        head = {name: t.to(device) for name, t in self.head.items()}
+        return SparseDelta(params, self.config, head)
+
+    # ---- applying -----------------------------------------------------------------------------
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Raise `BaseModelMismatchError` unless every entry names a parameter of `model` with the same shape."""
+        params = base_parameters(model)
+        for name, entry in self.params.items():
+            if name not in params:
+                raise BaseModelMismatchError(
+                    f"delta {self.name!r}: parameter '{name}' does not exist in the base model "
+                    f"({type(getattr(model, 'base_model', model)).__name__})"
+                )
+            if tuple(params[name].shape) != entry.shape:
+                raise BaseModelMismatchError(
+                    f"delta {self.name!r}: parameter '{name}' has shape {list(entry.shape)} in the delta "
+                    f"but {list(params[name].shape)} in the base model"
+                )
+        model_params = dict(model.named_parameters())
+        for name, tensor in self.head.items():
+            if name not in model_params:
+                raise BaseModelMismatchError(
+                    f"delta {self.name!r}: head tensor 'head::{name}' has no parameter in {type(model).__name__}"
+                )
+            if model_params[name].shape != tensor.shape:
+                raise BaseModelMismatchError(
+                    f"delta {self.name!r}: head tensor 'head::{name}' has shape {list(tensor.shape)} "
+                    f"but the model's is {list(model_params[name].shape)}"
+                )
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, scale: float = 1.0) -> "AppliedDelta":
+        """Add `scale * delta` to `model`'s weights in place and set its head; return the revert handle.
+
+        Nothing is changed unless every entry fits. The original values at the touched indices are
+        gathered first, so `AppliedDelta.revert()` restores bit-identical weights. Half-precision
+        weights are updated in float32 and rounded once. Deltas that overlap must be reverted in
+        the reverse order of applying (the composer does this for you).
+        """
+        self.check_fits(model)
+        params = base_parameters(model)
+        model_params = dict(model.named_parameters())
+        originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, entry in self.params.items():
+            flat = params[name].data.view(-1)
+            indices = entry.indices.to(flat.device, torch.long, non_blocking=True)
+            values = entry.values.to(flat.device, non_blocking=True)
+            before = flat.take(indices)
+            if flat.dtype in _HALF_DTYPES:
+                after = (before.float() + values.float() * scale).to(flat.dtype)
+            else:
+                values = values.to(flat.dtype)
+                after = before + (values if scale == 1.0 else values * scale)
+            flat.index_put_((indices,), after)
+            originals[name] = (indices, before)
+        head_originals = {}
+        for name, tensor in self.head.items():
+            target = model_params[name].data
+            head_originals[name] = target.clone()
+            target.copy_(tensor)
+        return AppliedDelta(self, model, originals, head_originals)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module, scale: float = 1.0) -> Iterator[nn.Module]:
+        """`with delta.applied(model): ...` runs the block with the delta in place, then reverts it."""
+        handle = self.apply(model, scale)
+        try:
+            yield model
+        finally:
+            handle.revert()
+
+    # ---- files --------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the artifact (`sft_delta.safetensors`, `sft_config.json`, `README.md`) to `directory`."""
+        from .format import save_delta
+
+        return save_delta(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> "SparseDelta":
+        """Read and fully validate an artifact directory."""
+        from .format import load_delta
+
+        return load_delta(directory, device=device)
+
+
+class AppliedDelta:
+    """The record of one `SparseDelta.apply`: the original values it overwrote, to revert exactly."""
+
+    def __init__(
+        self,
+        delta: SparseDelta,
+        model: nn.Module,
+        originals: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        head_originals: dict[str, torch.Tensor],
+    ) -> None:
+        self.delta = delta
+        self.model = model
+        self._originals = originals
+        self._head_originals = head_originals
+        self.active = True
+
+    @torch.no_grad()
+    def revert(self) -> None:
+        """Write the gathered original values back: the weights are bit-identical to before `apply`."""
+        if not self.active:
+            raise RuntimeError(f"delta {self.delta.name!r} was already reverted")
+        params = base_parameters(self.model)
+        for name, (indices, before) in self._originals.items():
+            params[name].data.view(-1).index_put_((indices,), before)
+        model_params = dict(self.model.named_parameters())
+        for name, before in self._head_originals.items():
+            model_params[name].data.copy_(before)
+        self.active = False

@@ -1,0 +1,179 @@
+"""The artifact, format version 1: `sft_delta.safetensors` (COO tensors), `sft_config.json`, `README.md`.
+
+Writing is atomic per file; reading validates everything (keys, dtypes, lengths, order, range,
+finiteness, shapes metadata, the manifest's derived fields and sha256) before returning a delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from ._io import atomic_write_bytes, atomic_write_text
+from .card import render_model_card
+from .config import FORMAT_VERSION, DeltaConfig
+from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
+from .errors import DeltaFormatError
+
+TENSORS_FILE = "sft_delta.safetensors"
+CONFIG_FILE = "sft_config.json"
+CARD_FILE = "README.md"
+FORMAT_NAME = "sftstore-delta"
+HEAD_PREFIX = "head::"
+INDICES_SUFFIX = "::indices"
+VALUES_SUFFIX = "::values"
+DERIVED_FIELDS = ("format_version", "nnz", "density", "values_dtype", "tensors_sha256")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def serialize_tensors(delta: SparseDelta) -> bytes:
+    """The safetensors bytes of a delta: `P::indices` (int32 unless huge), `P::values`, `head::H`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in sorted(delta.params.items()):
+        tensors[name + INDICES_SUFFIX] = entry.indices.to("cpu", index_dtype_for(entry.numel)).contiguous()
+        tensors[name + VALUES_SUFFIX] = entry.values.cpu().contiguous()
+    for name, tensor in sorted(delta.head.items()):
+        tensors[HEAD_PREFIX + name] = tensor.cpu().contiguous()
+    shapes = {name: list(entry.shape) for name, entry in sorted(delta.params.items())}
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "shapes": json.dumps(shapes)}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def manifest_for(delta: SparseDelta, tensors_sha256: str) -> dict[str, Any]:
+    """The manifest: the config's fields plus those derived from the tensors."""
+    derived = {
+        "nnz": delta.nnz,
+        "density": delta.density,
+        "values_dtype": _DTYPE_NAMES[delta.values_dtype],
+        "tensors_sha256": tensors_sha256,
+    }
+    return {"format_version": FORMAT_VERSION, **delta.config.to_dict(), **derived}
+
+
+def save_delta(delta: SparseDelta, directory: str | os.PathLike) -> Path:
+    """Write the three artifact files into `directory` (created if needed), each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = serialize_tensors(delta)
+    manifest = manifest_for(delta, hashlib.sha256(data).hexdigest())
+    atomic_write_bytes(directory / TENSORS_FILE, data)
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(directory / CARD_FILE, render_model_card(manifest))
+    return directory
+
+
+def load_delta(directory: str | os.PathLike, device: torch.device | str = "cpu") -> SparseDelta:
+    """Read and validate the artifact in `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DeltaFormatError(f"{directory}: no such artifact directory")
+    for name in (TENSORS_FILE, CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise DeltaFormatError(f"{directory}: missing {name}")
+    return read_delta(directory / TENSORS_FILE, directory / CONFIG_FILE, device=device)
+
+
+def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
+    """Parse and validate a manifest file: the raw dict and its `DeltaConfig`."""
+    try:
+        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DeltaFormatError(f"{config_path}: not a readable JSON manifest ({exc})") from None
+    config = DeltaConfig.from_dict(raw, str(config_path))
+    missing = [name for name in DERIVED_FIELDS if name not in raw]
+    if missing:
+        raise DeltaFormatError(f"{config_path}: missing required field(s): {', '.join(missing)}")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise DeltaFormatError(
+            f"{config_path}: field 'format_version' is {raw['format_version']!r}; this sftstore reads version {FORMAT_VERSION}"
+        )
+    return raw, config
+
+
+def read_delta(tensors_path: Path, config_path: Path, device: torch.device | str = "cpu") -> SparseDelta:
+    """Read a tensors file and its manifest (possibly store blobs with other names) into a validated delta."""
+    raw, config = read_manifest(config_path)
+    try:
+        data = Path(tensors_path).read_bytes()
+    except OSError as exc:
+        raise DeltaFormatError(f"{tensors_path}: cannot read ({exc})") from None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())  # overlaps with parsing
+        params, head = _parse_tensors(data, tensors_path)
+        validate_tensors(params, head, str(tensors_path))
+        if digest.result() != raw["tensors_sha256"]:
+            raise DeltaFormatError(
+                f"{tensors_path}: sha256 {digest.result()} does not match the manifest's tensors_sha256 "
+                f"{raw['tensors_sha256']} ({config_path})"
+            )
+    delta = SparseDelta(params, config, head)
+    if raw["nnz"] != delta.nnz:
+        raise DeltaFormatError(f"{config_path}: field 'nnz' is {raw['nnz']} but {tensors_path} holds {delta.nnz}")
+    if params and raw["values_dtype"] != _DTYPE_NAMES[delta.values_dtype]:
+        raise DeltaFormatError(
+            f"{config_path}: field 'values_dtype' is {raw['values_dtype']!r} but {tensors_path} holds "
+            f"{_DTYPE_NAMES[delta.values_dtype]}"
+        )
+    return delta if str(device) == "cpu" else delta.to(device)
+
+
+def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_len])
+        metadata = header.get("__metadata__") or {}
+    except (struct.error, ValueError, AttributeError) as exc:
+        raise DeltaFormatError(f"{path}: not a safetensors file ({exc})") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise DeltaFormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}; expected {FORMAT_NAME!r}")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise DeltaFormatError(
+            f"{path}: metadata 'format_version' is {metadata.get('format_version')!r}; expected '{FORMAT_VERSION}'"
+        )
+    return metadata
+
+
+def _parse_tensors(data: bytes, path: Path) -> tuple[dict[str, ParameterDelta], dict[str, torch.Tensor]]:
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error types (and others on garbage)
+        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
+    metadata = _read_metadata(data, path)
+    try:
+        shapes = json.loads(metadata.get("shapes", ""))
+        if not isinstance(shapes, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise DeltaFormatError(f"{path}: metadata 'shapes' is not a JSON object of parameter shapes ({exc})") from None
+
+    head, indices, values = {}, {}, {}
+    for key, tensor in tensors.items():
+        if key.startswith(HEAD_PREFIX) and len(key) > len(HEAD_PREFIX):
+            head[key[len(HEAD_PREFIX) :]] = tensor
+        elif key.endswith(INDICES_SUFFIX) and len(key) > len(INDICES_SUFFIX):
+            indices[key[: -len(INDICES_SUFFIX)]] = tensor
+        elif key.endswith(VALUES_SUFFIX) and len(key) > len(VALUES_SUFFIX):
+            values[key[: -len(VALUES_SUFFIX)]] = tensor
+        else:
+            raise DeltaFormatError(f"{path}: unexpected tensor '{key}'; expected 'P::indices', 'P::values' or 'head::H'")
+    for name in indices.keys() ^ values.keys():
+        have, lack = ("indices", "values") if name in indices else ("values", "indices")
+        raise DeltaFormatError(f"{path}: tensor '{name}::{have}' has no matching '{name}::{lack}'")
+    for name in indices.keys() ^ shapes.keys():
+        where = "metadata 'shapes' lacks" if name in indices else "metadata 'shapes' names a parameter with no tensors:"
+        raise DeltaFormatError(f"{path}: {where} '{name}'")
+    params = {}
+    for name in indices:
+        shape = shapes[name]
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            raise DeltaFormatError(f"{path}: metadata 'shapes' entry for '{name}' is {shape!r}; expected a list of ints")
+        params[name] = ParameterDelta(indices[name], values[name], tuple(shape))
+    return params, head

@@ -1,0 +1,117 @@
+"""The model side: which parameters a delta may touch, base fingerprints, loading a base by task type."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# transformers builds the pooler only for some heads (and initialises it randomly when a checkpoint
+# lacks it), so it is left out of fingerprints; a delta may still touch it when the model has one.
+_UNFINGERPRINTED_PREFIXES = ("pooler.",)
+_SAMPLES_PER_PARAMETER = 64
+
+TASK_TYPES = ("masked-lm", "token-classification", "sequence-classification", "feature-extraction")
+
+
+def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a sparse delta may touch, named relative to `model.base_model`.
+
+    Only the encoder's own parameters are listed: a masked-LM head whose decoder is tied to the
+    word embeddings (listed again as `lm_head.decoder.weight` in transformers 5) is not.
+    """
+    base = getattr(model, "base_model", model)
+    return dict(base.named_parameters())
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters outside the base model (the task head), with their full names in `model`."""
+    in_base = {id(p) for p in base_parameters(model).values()}
+    return {name: p for name, p in model.named_parameters() if id(p) not in in_base}
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """Digests that identify a base model: its architecture and a sample of its weights."""
+
+    arch_digest: str
+    weights_digest: str
+
+
+def _fingerprinted(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    params = base_parameters(model)
+    return [(n, params[n]) for n in sorted(params) if not n.startswith(_UNFINGERPRINTED_PREFIXES)]
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> BaseFingerprint:
+    """Hash the sorted (name, shape, dtype) of the base parameters and a fixed sample of their values.
+
+    Values are sampled at evenly spaced flat positions and hashed as float32, so the digest does not
+    depend on the device, and is cheap (64 values per parameter).
+    """
+    arch, weights = hashlib.sha256(), hashlib.sha256()
+    for name, param in _fingerprinted(model):
+        arch.update(json.dumps([name, list(param.shape), str(param.dtype)]).encode())
+        flat = param.detach().reshape(-1)
+        count = min(_SAMPLES_PER_PARAMETER, flat.numel())
+        positions = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
+        weights.update(name.encode())
+        weights.update(flat[positions].float().cpu().numpy().tobytes())
+    return BaseFingerprint(arch.hexdigest(), weights.hexdigest())
+
+
+def model_class_for(task_type: str | None):
+    """The `transformers` auto class that serves a task type (`AutoModel` when there is none)."""
+    import transformers
+
+    classes = {
+        "masked-lm": transformers.AutoModelForMaskedLM,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "feature-extraction": transformers.AutoModel,
+        None: transformers.AutoModel,
+    }
+    if task_type not in classes:
+        raise ValueError(f"unknown task_type {task_type!r}: expected one of {', '.join(TASK_TYPES)}")
+    return classes[task_type]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide the load report about a head that the task delta is about to overwrite."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_model(
+    base: str | os.PathLike,
+    task_type: str | None = None,
+    labels: Sequence[str] = (),
+    revision: str | None = None,
+) -> nn.Module:
+    """Load a base model (Hub id or local directory) in float32 with the head its task type needs."""
+    kwargs: dict = {"dtype": torch.float32}
+    if revision:
+        kwargs["revision"] = revision
+    if labels:
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    with _quiet_transformers():
+        model = model_class_for(task_type).from_pretrained(os.fspath(base), **kwargs)
+    return model.eval()

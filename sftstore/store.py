@@ -1,0 +1,382 @@
+"""The local store: content-addressed blobs plus a SQLite index of deltas, versions and aliases.
+
+Layout under the root (`$SFTSTORE_HOME`, default `~/.cache/sftstore`):
+
+    blobs/<sha256>     artifact files (tensors, manifest, model card), written once, never changed
+    tmp/               files being written; renamed into blobs/ when complete and durable
+    index.sqlite       deltas (base, kind, name), versions, aliases, provenance (WAL mode)
+
+A version is registered only after its blobs are durable, inside one `BEGIN IMMEDIATE` transaction,
+so concurrent writers get distinct version numbers and a killed writer leaves at most orphan blobs
+(which `gc` removes). Versions are immutable; numbers are never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._io import atomic_write_bytes, fsync_dir
+from .card import render_model_card
+from .delta import SparseDelta
+from .errors import RefNotFoundError, StoreError
+from .format import CARD_FILE, CONFIG_FILE, TENSORS_FILE, load_delta, manifest_for, read_delta, read_manifest, serialize_tensors
+from .naming import LATEST, DeltaRef, kind_prefix, validate_alias
+from .settings import store_home
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deltas (
+    id INTEGER PRIMARY KEY,
+    base TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    last_version INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (base, kind, name)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    delta_id INTEGER NOT NULL REFERENCES deltas(id),
+    version INTEGER NOT NULL,
+    tensors_sha256 TEXT NOT NULL,
+    config_sha256 TEXT NOT NULL,
+    card_sha256 TEXT NOT NULL,
+    nnz INTEGER NOT NULL,
+    density REAL NOT NULL,
+    size INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    added_at TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (delta_id, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    delta_id INTEGER NOT NULL,
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (delta_id, alias),
+    FOREIGN KEY (delta_id, version) REFERENCES versions(delta_id, version) ON DELETE CASCADE
+);
+"""
+_TMP_GRACE_SECONDS = 3600  # gc leaves younger temp files alone: another process may be writing them
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """One immutable version of a delta in the store."""
+
+    base: str
+    kind: str
+    name: str
+    version: int
+    aliases: tuple[str, ...]
+    tensors_sha256: str
+    config_sha256: str
+    card_sha256: str
+    nnz: int
+    density: float
+    size: int
+    created_at: str
+    added_at: str
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{kind_prefix(self.kind)}/{self.name}@{self.version}"
+
+    @property
+    def blobs(self) -> dict[str, str]:
+        """Artifact file name -> blob sha256."""
+        return {TENSORS_FILE: self.tensors_sha256, CONFIG_FILE: self.config_sha256, CARD_FILE: self.card_sha256}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A problem `verify` found: which version, which file, what is wrong."""
+
+    ref: str
+    base: str
+    file: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed_blobs: int
+    freed_bytes: int
+    removed_temp_files: int
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class DeltaStore:
+    """A versioned local store of sparse deltas. Safe to use from several processes at once."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else store_home()
+        self.blobs_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.index_path = self.root / "index.sqlite"
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.index_path, timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=60000")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the database's write lock from its first statement."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs_dir / sha256
+
+    def _put_blob(self, data: bytes) -> str:
+        """Store bytes under their sha256 (once: the same bytes never make a second blob)."""
+        sha = _sha256(data)
+        path = self.blob_path(sha)
+        if not path.exists():
+            atomic_write_bytes(path, data, tmp_dir=self.tmp_dir)
+        return sha
+
+    # ---- adding -------------------------------------------------------------------------------
+
+    def add(self, delta: SparseDelta, source: dict[str, Any] | None = None) -> tuple[StoredVersion, bool]:
+        """Store `delta` as the next version of (base, kind, name); return it and whether it is new.
+
+        Adding the bytes of an existing version of the same delta returns that version.
+        """
+        tensors = serialize_tensors(delta)
+        manifest = manifest_for(delta, _sha256(tensors))
+        files = {
+            TENSORS_FILE: tensors,
+            CONFIG_FILE: (json.dumps(manifest, indent=2) + "\n").encode(),
+            CARD_FILE: render_model_card(manifest).encode(),
+        }
+        shas = {name: self._put_blob(data) for name, data in files.items()}
+        base, kind, name = delta.config.base_model.id, delta.kind, delta.name
+        with self._write() as db:
+            for file_name, sha in shas.items():  # gc may have run between the writes and the lock
+                if not self.blob_path(sha).exists():
+                    atomic_write_bytes(self.blob_path(sha), files[file_name], tmp_dir=self.tmp_dir)
+            db.execute("INSERT OR IGNORE INTO deltas (base, kind, name) VALUES (?, ?, ?)", (base, kind, name))
+            delta_id, last = db.execute(
+                "SELECT id, last_version FROM deltas WHERE base=? AND kind=? AND name=?", (base, kind, name)
+            ).fetchone()
+            existing = db.execute(
+                "SELECT version FROM versions WHERE delta_id=? AND tensors_sha256=? AND config_sha256=?",
+                (delta_id, shas[TENSORS_FILE], shas[CONFIG_FILE]),
+            ).fetchone()
+            if existing is None:
+                version = last + 1
+                db.execute("UPDATE deltas SET last_version=? WHERE id=?", (version, delta_id))
+                db.execute(
+                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        delta_id, version, shas[TENSORS_FILE], shas[CONFIG_FILE], shas[CARD_FILE],
+                        manifest["nnz"], manifest["density"], len(tensors), manifest["created_at"],
+                        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        json.dumps(source or {"type": "python"}),
+                    ),
+                )
+            else:
+                version = existing[0]
+        return self._get(base, kind, name, version), existing is None
+
+    def import_directory(self, directory: str | os.PathLike) -> tuple[StoredVersion, bool]:
+        """Validate an artifact directory and add it, recording where it came from."""
+        delta = load_delta(directory)
+        return self.add(delta, source={"type": "import", "path": os.path.abspath(directory)})
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _rows(self, where: str = "", params: tuple = ()) -> list[StoredVersion]:
+        query = (
+            "SELECT d.id, d.base, d.kind, d.name, v.* FROM versions v JOIN deltas d ON d.id = v.delta_id "
+            f"{where} ORDER BY d.base, d.kind, d.name, v.version"
+        )
+        with self._connect() as db:
+            rows = db.execute(query, params).fetchall()
+            aliases: dict[tuple[int, int], list[str]] = {}
+            for row in db.execute("SELECT delta_id, version, alias FROM aliases ORDER BY alias"):
+                aliases.setdefault((row[0], row[1]), []).append(row[2])
+        return [
+            StoredVersion(
+                base=row["base"], kind=row["kind"], name=row["name"], version=row["version"],
+                aliases=tuple(aliases.get((row["id"], row["version"]), ())),
+                tensors_sha256=row["tensors_sha256"], config_sha256=row["config_sha256"],
+                card_sha256=row["card_sha256"], nnz=row["nnz"], density=row["density"], size=row["size"],
+                created_at=row["created_at"], added_at=row["added_at"], source=json.loads(row["source"]),
+            )
+            for row in rows
+        ]
+
+    def _get(self, base: str, kind: str, name: str, version: int) -> StoredVersion:
+        return self._rows("WHERE d.base=? AND d.kind=? AND d.name=? AND v.version=?", (base, kind, name, version))[0]
+
+    def list(self, base: str | None = None, kind: str | None = None, name: str | None = None) -> list[StoredVersion]:
+        """Every stored version, optionally filtered by base, kind and name."""
+        clauses, params = [], []
+        for column, value in (("d.base", base), ("d.kind", kind), ("d.name", name)):
+            if value is not None:
+                clauses.append(f"{column}=?")
+                params.append(value)
+        return self._rows(("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params))
+
+    def resolve(self, ref: str | DeltaRef, base: str | None = None) -> StoredVersion:
+        """The version a reference names (`lang/hau`, `task/ner@2`, `lang/hau@best`) under `base`.
+
+        Without `base`, the reference must be unambiguous across the bases in the store.
+        """
+        ref = ref if isinstance(ref, DeltaRef) else DeltaRef.parse(ref)
+        candidates = self.list(base=base, kind=ref.kind, name=ref.name)
+        bases = sorted({v.base for v in candidates})
+        where = f" for base {base!r}" if base else ""
+        if not candidates:
+            raise RefNotFoundError(f"no delta {DeltaRef(ref.kind, ref.name)} in the store{where} ({self.root})")
+        if len(bases) > 1:
+            raise StoreError(f"{ref} exists for several bases ({', '.join(bases)}); name one with --base")
+        if ref.selector in (None, LATEST):
+            return candidates[-1]
+        for version in candidates:
+            if version.version == ref.version or ref.selector in version.aliases:
+                return version
+        known = ", ".join([str(v.version) for v in candidates] + [a for v in candidates for a in v.aliases])
+        raise RefNotFoundError(f"{ref}: no such version or alias{where}; known: {known}")
+
+    def manifest(self, version: StoredVersion) -> dict[str, Any]:
+        raw, _ = read_manifest(self.blob_path(version.config_sha256))
+        return raw
+
+    def load(self, ref: str | DeltaRef | StoredVersion, base: str | None = None, device: torch.device | str = "cpu") -> SparseDelta:
+        """Read and validate a stored version."""
+        version = ref if isinstance(ref, StoredVersion) else self.resolve(ref, base)
+        return read_delta(self.blob_path(version.tensors_sha256), self.blob_path(version.config_sha256), device=device)
+
+    def export(self, ref: str | DeltaRef, directory: str | os.PathLike, base: str | None = None) -> Path:
+        """Write a stored version out as an artifact directory (the same files that were stored)."""
+        version = self.resolve(ref, base)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for file_name, sha in version.blobs.items():
+            atomic_write_bytes(directory / file_name, self.blob_path(sha).read_bytes())
+        return directory
+
+    # ---- changing -----------------------------------------------------------------------------
+
+    def tag(self, ref: str | DeltaRef, alias: str, base: str | None = None) -> StoredVersion:
+        """Point `alias` (e.g. `best`) at the version `ref` names; an existing alias moves."""
+        validate_alias(alias)
+        version = self.resolve(ref, base)
+        with self._write() as db:
+            (delta_id,) = db.execute(
+                "SELECT id FROM deltas WHERE base=? AND kind=? AND name=?", (version.base, version.kind, version.name)
+            ).fetchone()
+            db.execute(
+                "INSERT INTO aliases VALUES (?, ?, ?) ON CONFLICT (delta_id, alias) DO UPDATE SET version=excluded.version",
+                (delta_id, alias, version.version),
+            )
+        return self._get(version.base, version.kind, version.name, version.version)
+
+    def remove(self, ref: str | DeltaRef, base: str | None = None) -> list[StoredVersion]:
+        """Remove the version `ref` names, or every version when it names none (`lang/hau`).
+
+        Blobs stay until `gc`; version numbers are not reused.
+        """
+        ref = ref if isinstance(ref, DeltaRef) else DeltaRef.parse(ref)
+        if ref.selector is None:
+            first = self.resolve(ref, base)
+            targets = self.list(base=first.base, kind=ref.kind, name=ref.name)
+        else:
+            targets = [self.resolve(ref, base)]
+        with self._write() as db:
+            for version in targets:
+                (delta_id,) = db.execute(
+                    "SELECT id FROM deltas WHERE base=? AND kind=? AND name=?", (version.base, version.kind, version.name)
+                ).fetchone()
+                db.execute("DELETE FROM aliases WHERE delta_id=? AND version=?", (delta_id, version.version))
+                db.execute("DELETE FROM versions WHERE delta_id=? AND version=?", (delta_id, version.version))
+        return targets
+
+    # ---- maintenance --------------------------------------------------------------------------
+
+    def verify(self, progress: bool = False) -> list[Damage]:
+        """Re-hash every referenced blob; report missing or damaged files and manifests that disagree."""
+        damage = []
+        for version in tqdm(self.list(), desc="verifying", unit="version", disable=not progress):
+            for file_name, sha in version.blobs.items():
+                path = self.blob_path(sha)
+                if not path.is_file():
+                    damage.append(Damage(version.ref, version.base, file_name, f"missing blob {sha}"))
+                    continue
+                with path.open("rb") as handle:
+                    actual = hashlib.file_digest(handle, "sha256").hexdigest()
+                if actual != sha:
+                    damage.append(Damage(version.ref, version.base, file_name, f"content hashes to {actual}, not {sha}"))
+            try:
+                manifest_sha = self.manifest(version)["tensors_sha256"]
+                if manifest_sha != version.tensors_sha256:
+                    damage.append(Damage(version.ref, version.base, CONFIG_FILE, "tensors_sha256 disagrees with the index"))
+            except Exception as exc:  # any unreadable manifest is damage to report, not to raise
+                if not any(d.ref == version.ref and d.file == CONFIG_FILE for d in damage):
+                    damage.append(Damage(version.ref, version.base, CONFIG_FILE, str(exc)))
+        return damage
+
+    def gc(self) -> GcReport:
+        """Delete blobs no version references, and temp files abandoned by killed writers."""
+        removed = freed = stale = 0
+        with self._write() as db:  # holds the write lock: no add can register a blob meanwhile
+            referenced = set()
+            for row in db.execute("SELECT tensors_sha256, config_sha256, card_sha256 FROM versions"):
+                referenced.update(row)
+            for path in self.blobs_dir.iterdir():
+                if path.name not in referenced:
+                    freed += path.stat().st_size
+                    path.unlink()
+                    removed += 1
+            cutoff = time.time() - _TMP_GRACE_SECONDS
+            for path in self.tmp_dir.iterdir():
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    stale += 1
+        if removed:
+            fsync_dir(self.blobs_dir)
+        return GcReport(removed, freed, stale)
+
+    def disk_usage(self) -> int:
+        return sum(p.stat().st_size for p in self.blobs_dir.iterdir())
+
