@@ -44,7 +44,22 @@ def serialize_tensors(delta: SparseDelta) -> bytes:
         tensors[HEAD_PREFIX + name] = tensor.cpu().contiguous()
     shapes = {name: list(entry.shape) for name, entry in sorted(delta.params.items())}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "shapes": json.dumps(shapes)}
-    return safetensors.torch.save(tensors, metadata=metadata)
+    return _canonical_header(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Sort the header's metadata keys, so equal deltas serialise to equal bytes (and sha256).
+
+    safetensors writes `__metadata__` from a hash map whose order changes between calls. Reordering
+    keys keeps the header's length, so the tensor data and its offsets are untouched.
+    """
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(canonical) > header_len:  # cannot happen for the same keys and values; never corrupt the data
+        raise AssertionError("canonical safetensors header is longer than the original")
+    return data[:8] + canonical.ljust(header_len, b" ") + data[8 + header_len :]
 
 
 def manifest_for(delta: SparseDelta, tensors_sha256: str) -> dict[str, Any]:
@@ -108,12 +123,12 @@ def read_delta(tensors_path: Path, config_path: Path, device: torch.device | str
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())  # overlaps with parsing
         params, head = _parse_tensors(data, tensors_path)
-        validate_tensors(params, head, str(tensors_path))
         if digest.result() != raw["tensors_sha256"]:
             raise DeltaFormatError(
                 f"{tensors_path}: sha256 {digest.result()} does not match the manifest's tensors_sha256 "
                 f"{raw['tensors_sha256']} ({config_path})"
             )
+    validate_tensors(params, head, str(tensors_path))
     delta = SparseDelta(params, config, head)
     if raw["nnz"] != delta.nnz:
         raise DeltaFormatError(f"{config_path}: field 'nnz' is {raw['nnz']} but {tensors_path} holds {delta.nnz}")

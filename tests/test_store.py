@@ -1,0 +1,255 @@
+"""The local store: versions, aliases, dedup, rm/gc/verify, concurrent writers and killed writers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftstore import RefNotFoundError, StoreError
+from sftstore.demo import synthetic_delta
+from sftstore.modeling import load_model
+from sftstore.store import DeltaStore
+
+
+@pytest.fixture
+def base_model(tiny_bert_dir):
+    return load_model(tiny_bert_dir, "masked-lm")
+
+
+def lang(base_model, seed: int, language: str = "hau"):
+    return synthetic_delta(base_model, density=0.05, seed=seed, kind="language", language=language)
+
+
+def blob_names(store: DeltaStore) -> set[str]:
+    return {p.name for p in store.blobs_dir.iterdir()}
+
+
+def test_add_numbers_versions_per_base_kind_name(base_model):
+    store = DeltaStore()
+    v1, new1 = store.add(lang(base_model, 1))
+    v2, new2 = store.add(lang(base_model, 2))
+    other, _ = store.add(lang(base_model, 3, language="en"))
+    assert (v1.version, v2.version, other.version) == (1, 2, 1)
+    assert new1 and new2
+    assert (v1.ref, v2.ref) == ("lang/hau@1", "lang/hau@2")
+    assert store.resolve("lang/hau").version == 2  # latest is implicit
+    assert store.resolve("lang/hau@1") == v1
+    assert [v.ref for v in store.list(name="hau")] == ["lang/hau@1", "lang/hau@2"]
+    assert [v.ref for v in store.list(kind="task")] == []
+
+
+def test_load_returns_the_stored_tensors(base_model):
+    store = DeltaStore()
+    delta = lang(base_model, 1)
+    store.add(delta)
+    loaded = store.load("lang/hau")
+    assert loaded.params.keys() == delta.params.keys()
+    for name, entry in delta.params.items():
+        assert torch.equal(loaded.params[name].indices, entry.indices.int())
+        assert torch.equal(loaded.params[name].values, entry.values)
+    assert loaded.config.to_dict() == delta.config.to_dict()
+
+
+def test_same_bytes_make_no_second_version_or_blob(tmp_path, base_model):
+    store = DeltaStore()
+    directory = lang(base_model, 1).save_pretrained(tmp_path / "a")
+    first, created = store.import_directory(directory)
+    blobs = blob_names(store)
+    again, created_again = store.import_directory(directory)
+    assert created and not created_again
+    assert again.version == first.version == 1
+    assert blob_names(store) == blobs and len(blobs) == 3
+    assert again.source == {"type": "import", "path": str(directory.resolve())}
+
+
+def test_same_tensors_with_another_manifest_share_the_tensor_blob(base_model):
+    store = DeltaStore()
+    delta = lang(base_model, 1)
+    v1, _ = store.add(delta)
+    delta.config.metrics = {"f1": 0.5}
+    v2, _ = store.add(delta)
+    assert v2.version == 2 and v2.tensors_sha256 == v1.tensors_sha256
+    assert v2.config_sha256 != v1.config_sha256
+    assert len(blob_names(store)) < 6
+
+
+def test_aliases_resolve_move_and_go_with_their_version(base_model):
+    store = DeltaStore()
+    store.add(lang(base_model, 1))
+    store.add(lang(base_model, 2))
+    assert store.tag("lang/hau@1", "best").aliases == ("best",)
+    assert store.resolve("lang/hau@best").version == 1
+    store.tag("lang/hau@2", "best")
+    assert store.resolve("lang/hau@best").version == 2
+    assert store.resolve("lang/hau@1").aliases == ()
+    store.remove("lang/hau@2")
+    with pytest.raises(RefNotFoundError, match="best"):
+        store.resolve("lang/hau@best")
+
+
+def test_version_numbers_are_never_reused(base_model):
+    store = DeltaStore()
+    store.add(lang(base_model, 1))
+    store.add(lang(base_model, 2))
+    assert [v.ref for v in store.remove("lang/hau@2")] == ["lang/hau@2"]
+    assert store.add(lang(base_model, 3))[0].version == 3
+    assert len(store.remove("lang/hau")) == 2  # no version named: every version
+    assert store.list() == []
+    assert store.add(lang(base_model, 4))[0].version == 4
+
+
+def test_refs_are_scoped_by_base(tmp_path, base_model, tiny_xlmr_dir):
+    store = DeltaStore()
+    store.add(lang(base_model, 1))
+    store.add(synthetic_delta(load_model(tiny_xlmr_dir, "masked-lm"), 0.05, 1, kind="language", language="hau"))
+    with pytest.raises(StoreError, match="several bases"):
+        store.resolve("lang/hau")
+    assert store.resolve("lang/hau", base=str(tiny_xlmr_dir.resolve())).base == str(tiny_xlmr_dir.resolve())
+    with pytest.raises(RefNotFoundError, match="for base 'elsewhere'"):
+        store.resolve("lang/hau", base="elsewhere")
+
+
+def test_export_writes_the_stored_files(tmp_path, base_model):
+    store = DeltaStore()
+    source = lang(base_model, 1).save_pretrained(tmp_path / "a")
+    version, _ = store.import_directory(source)
+    out = store.export("lang/hau@1", tmp_path / "exported")
+    for name in ("sft_delta.safetensors", "sft_config.json", "README.md"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert store.import_directory(out)[0] == version
+
+
+def test_verify_reports_damaged_and_missing_blobs(base_model):
+    store = DeltaStore()
+    version, _ = store.add(lang(base_model, 1))
+    store.add(lang(base_model, 2, language="en"))
+    assert store.verify() == []
+    tensors = store.blob_path(version.tensors_sha256)
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    store.blob_path(version.card_sha256).unlink()
+    damage = store.verify()
+    assert {(d.ref, d.file) for d in damage} == {("lang/hau@1", "sft_delta.safetensors"), ("lang/hau@1", "README.md")}
+    assert any("missing blob" in d.problem for d in damage)
+    with pytest.raises(Exception, match="sha256"):
+        store.load("lang/hau@1")
+
+
+def test_gc_removes_only_unreferenced_blobs(base_model):
+    store = DeltaStore()
+    delta = lang(base_model, 1)
+    keep, _ = store.add(delta)
+    delta.config.metrics = {"f1": 0.5}
+    gone, _ = store.add(delta)
+    store.add(lang(base_model, 2))
+    store.remove(gone.ref)
+    report = store.gc()
+    assert report.removed_blobs == 2  # the manifest and card of @2; its tensors are shared with @1
+    assert store.blob_path(gone.tensors_sha256).exists()
+    assert report.freed_bytes > 0
+    assert store.verify() == []
+    assert store.load(keep.ref).nnz == delta.nnz
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from sftstore.store import DeltaStore
+    go = Path(sys.argv[1])
+    while not go.exists():
+        time.sleep(0.01)
+    store = DeltaStore()
+    for directory in sys.argv[2:]:
+        version, _ = store.import_directory(directory)
+        print(directory, version.version, flush=True)
+    """
+)
+
+
+def test_concurrent_writers_get_distinct_versions(tmp_path, base_model, store_home):
+    directories = [lang(base_model, seed).save_pretrained(tmp_path / f"d{seed}") for seed in range(12)]
+    go = tmp_path / "go"
+    env = {**os.environ, "SFTSTORE_HOME": str(store_home)}
+    DeltaStore()  # create the index once, as a user's first command would
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(go), *map(str, directories[i::4])],
+                         env=env, stdout=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    go.touch()
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers)
+    assigned = dict(line.rsplit(" ", 1) for out in outputs for line in out.splitlines())
+    assert sorted(int(v) for v in assigned.values()) == list(range(1, 13))
+    store = DeltaStore()
+    assert [v.version for v in store.list()] == list(range(1, 13))
+    assert store.verify() == []
+
+
+CRASHER = textwrap.dedent(
+    """
+    import os, sys
+    import sftstore.store as store_module
+    from sftstore.store import DeltaStore
+
+    def die(*args, **kwargs):
+        os._exit(9)
+
+    point = sys.argv[1]
+    if point == "before-index":  # blobs durable, index transaction not begun
+        DeltaStore._write = die
+    elif point == "inside-transaction":  # after UPDATE last_version, before INSERT and COMMIT
+        class Clock:
+            now = staticmethod(die)
+        store_module.datetime = Clock
+    elif point == "mid-blob":  # temp file written, not yet renamed into blobs/
+        store_module.os.replace = die
+    DeltaStore().import_directory(sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["before-index", "inside-transaction", "mid-blob"])
+def test_a_killed_add_leaves_nothing_half_registered(tmp_path, base_model, store_home, point):
+    directory = lang(base_model, 1).save_pretrained(tmp_path / "d")
+    env = {**os.environ, "SFTSTORE_HOME": str(store_home)}
+    result = subprocess.run([sys.executable, "-c", CRASHER, point, str(directory)], env=env, timeout=300)
+    assert result.returncode == 9
+    store = DeltaStore()
+    assert store.list() == []
+    assert store.verify() == []
+    leftovers = list(store.tmp_dir.iterdir())
+    if point == "mid-blob":
+        assert leftovers and not blob_names(store)
+        old = time.time() - 7200
+        for path in leftovers:
+            os.utime(path, (old, old))
+        assert store.gc().removed_temp_files == len(leftovers)
+    else:
+        assert len(blob_names(store)) == 3 and not leftovers
+        assert store.gc().removed_blobs == 3
+    assert not blob_names(store) and not list(store.tmp_dir.iterdir())
+    version, created = store.import_directory(directory)
+    assert created and version.version == 1
+
+
+def test_gc_keeps_young_temp_files_of_running_writers(store_home):
+    store = DeltaStore()
+    in_progress = store.tmp_dir / ".x.tmp"
+    in_progress.write_bytes(b"partial")
+    assert store.gc().removed_temp_files == 0
+    assert in_progress.exists()
+
+
+def test_store_root_defaults_to_sftstore_home(store_home):
+    assert DeltaStore().root == Path(store_home)
+    assert (Path(store_home) / "index.sqlite").is_file()
