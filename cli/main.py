@@ -53,12 +53,17 @@ def _print_json(data) -> None:
 
 def _versions_table(versions: list[StoredVersion], title: str | None = None) -> Table:
     table = Table(title=title)
-    for column in ("ref", "aliases", "base", "nnz", "density", "size", "created", "source"):
-        table.add_column(column, justify="right" if column in ("nnz", "density", "size") else "left")
+    table.add_column("ref", no_wrap=True)
+    table.add_column("aliases")
+    table.add_column("base", overflow="fold")
+    for column in ("nnz", "density", "size"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("source")
     for v in versions:
         table.add_row(
             v.ref, ",".join(v.aliases), v.base, f"{v.nnz:,}", f"{v.density:.3%}", _size(v.size),
-            v.created_at, v.source.get("type", ""),
+            v.created_at[:16].replace("T", " "), v.source.get("type", ""),
         )
     return table
 
