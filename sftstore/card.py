@@ -7,6 +7,12 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 
+def _model_link(base: str) -> str:
+    """A Hub link for a Hub id; a local directory is named, not linked."""
+    is_hub_id = not base.startswith(("/", ".", "~")) and base.count("/") <= 1
+    return f"[`{base}`](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
+
+
 def render_model_card(manifest: dict[str, Any]) -> str:
     """A model card with YAML front matter (library, base model, languages, tags, licence) from a manifest."""
     kind, base = manifest["kind"], manifest["base_model"]["id"]
@@ -30,7 +36,7 @@ def render_model_card(manifest: dict[str, Any]) -> str:
         "",
         f"# {kind.capitalize()} delta `{name}` for `{base}`",
         "",
-        f"A sparse fine-tuning (composable sparse difference vector) of [`{base}`](https://huggingface.co/{base}), "
+        f"A sparse fine-tuning (composable sparse difference vector) of {_model_link(base)}, "
         f"made with [sftstore](https://pypi.org/project/sftstore/) using method `{manifest['method'].get('name')}`.",
         "",
         "| field | value |",

@@ -176,11 +176,16 @@ def compose(
         model = load_model(base, task.task_type if task else None, task.labels if task else (), revision)
         base_id, tokenizer = base_key(base), _load_tokenizer(base, revision)
     digests = fingerprint(model)
-    if not force:
-        for delta in deltas:
+    for delta in deltas:  # refuse before anything is moved or changed
+        if not force:
             check_base(delta, base_id, digests)
+        delta.check_fits(model)
     model.to(device=torch.device(device) if device is not None else default_device(), dtype=parse_dtype(dtype))
     composed = ComposedModel(model, base_id, digests, tokenizer)
-    for delta, scale in sorted(zip(deltas, scales), key=lambda pair: pair[0].kind != "task"):
-        composed.add(delta, scale, force=force)
+    try:
+        for delta, scale in sorted(zip(deltas, scales), key=lambda pair: pair[0].kind != "task"):
+            composed.add(delta, scale, force=force)
+    except BaseException:
+        composed.reset()
+        raise
     return composed

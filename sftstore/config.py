@@ -85,7 +85,7 @@ class DeltaConfig:
                 fail("labels", "the ordered list of label names of a classification task")
             if len(set(self.labels)) != len(self.labels):
                 fail("labels", "distinct label names")
-        if not isinstance(self.num_parameters, int) or self.num_parameters <= 0:
+        if isinstance(self.num_parameters, bool) or not isinstance(self.num_parameters, int) or self.num_parameters <= 0:
             fail("num_parameters", "a positive integer (the base model's parameter count)")
         if not isinstance(self.method, dict) or not isinstance(self.method.get("name"), str):
             fail("method", "an object with a 'name'")

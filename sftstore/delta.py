@@ -101,6 +101,20 @@ def validate_tensors(params: Mapping[str, ParameterDelta], head: Mapping[str, to
             raise DeltaFormatError(f"{where}: head tensor 'head::{name}' holds NaN or Inf")
 
 
+def _check_masks(masks: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise BaseModelMismatchError(
+            f"masks name parameters the base model does not have: {unknown[:5]} "
+            "(names are relative to model.base_model, e.g. 'encoder.layer.0.output.dense.weight')"
+        )
+    for name, mask in masks.items():
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(params[name].shape):
+            raise BaseModelMismatchError(
+                f"mask for '{name}' is {mask.dtype} {list(mask.shape)}; expected torch.bool {list(params[name].shape)}"
+            )
+
+
 @dataclass(frozen=True)
 class ParameterSummary:
     name: str
@@ -180,6 +194,8 @@ class SparseDelta:
         if base_params.keys() != tuned_params.keys():
             diff = sorted(base_params.keys() ^ tuned_params.keys())
             raise BaseModelMismatchError(f"base and tuned models have different parameters: {diff[:5]}")
+        if masks is not None:
+            _check_masks(masks, base_params)
         params = {}
         for name, base_param in base_params.items():
             flat_diff = (tuned_params[name].detach().reshape(-1) - base_param.detach().reshape(-1)).float()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,10 @@ def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
     missing = [name for name in DERIVED_FIELDS if name not in raw]
     if missing:
         raise DeltaFormatError(f"{config_path}: missing required field(s): {', '.join(missing)}")
+    for name, expected in (("format_version", int), ("nnz", int), ("density", (int, float)), ("values_dtype", str),
+                           ("tensors_sha256", str)):
+        if isinstance(raw[name], bool) or not isinstance(raw[name], expected):
+            raise DeltaFormatError(f"{config_path}: field '{name}' is {raw[name]!r}; expected a {getattr(expected, '__name__', 'number')}")
     if raw["format_version"] != FORMAT_VERSION:
         raise DeltaFormatError(
             f"{config_path}: field 'format_version' is {raw['format_version']!r}; this sftstore reads version {FORMAT_VERSION}"
@@ -130,6 +135,9 @@ def read_delta(tensors_path: Path, config_path: Path, device: torch.device | str
             )
     validate_tensors(params, head, str(tensors_path))
     delta = SparseDelta(params, config, head)
+    _check_head(delta, tensors_path)
+    if not math.isclose(raw["density"], delta.density, rel_tol=1e-9):
+        raise DeltaFormatError(f"{config_path}: field 'density' is {raw['density']} but the tensors give {delta.density}")
     if raw["nnz"] != delta.nnz:
         raise DeltaFormatError(f"{config_path}: field 'nnz' is {raw['nnz']} but {tensors_path} holds {delta.nnz}")
     if params and raw["values_dtype"] != _DTYPE_NAMES[delta.values_dtype]:
@@ -138,6 +146,18 @@ def read_delta(tensors_path: Path, config_path: Path, device: torch.device | str
             f"{_DTYPE_NAMES[delta.values_dtype]}"
         )
     return delta if str(device) == "cpu" else delta.to(device)
+
+
+def _check_head(delta: SparseDelta, tensors_path: Path) -> None:
+    """Classification task deltas must carry their head; language deltas carry none."""
+    config = delta.config
+    if config.kind == "language" and delta.head:
+        raise DeltaFormatError(f"{tensors_path}: a language delta carries head tensors {sorted(delta.head)}")
+    if config.task_type in ("token-classification", "sequence-classification") and config.kind == "task" and not delta.head:
+        raise DeltaFormatError(
+            f"{tensors_path}: task delta '{config.task}' ({config.task_type}) has no 'head::' tensors; "
+            "composing it would use a random classifier"
+        )
 
 
 def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
