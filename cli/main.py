@@ -272,6 +272,31 @@ def _predict(composed, text: str):
 
 
 @cli.command()
+@click.option("--base", default=None, help="Only deltas for this base model (Hub id).")
+@click.option("--lang", help="Language code, e.g. hau.")
+@click.option("--task", help="Task name or alias, e.g. ner.")
+@JSON_OPTION
+def search(base, lang, task, as_json) -> None:
+    """List published deltas from the registry (what compose can pull)."""
+    from sftstore.registry import load_registry
+
+    entries = load_registry().search(base=base, lang=lang, task=task)
+    if as_json:
+        _print_json([e.to_dict() for e in entries])
+        return
+    if not entries:
+        click.echo("No published delta matches.")
+        return
+    table = Table()
+    for column in ("base", "kind", "name", "aliases", "repo", "revision", "format", "verified"):
+        table.add_column(column, no_wrap=column in ("name", "repo"))
+    for e in entries:
+        table.add_row(e.base_model, e.kind, e.name, ",".join(e.aliases), e.repo_id, e.revision, e.format,
+                      "yes" if e.verified else "no")
+    console.print(table)
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the demo's store, artifacts and composed model here (default: a temp directory).")
 def demo(workdir) -> None:

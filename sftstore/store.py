@@ -59,6 +59,16 @@ CREATE TABLE IF NOT EXISTS versions (
     source TEXT NOT NULL,
     PRIMARY KEY (delta_id, version)
 );
+CREATE TABLE IF NOT EXISTS remotes (
+    delta_id INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    repo_id TEXT NOT NULL,
+    revision_commit TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (delta_id, version, repo_id),
+    FOREIGN KEY (delta_id, version) REFERENCES versions(delta_id, version) ON DELETE CASCADE
+);
 CREATE TABLE IF NOT EXISTS aliases (
     delta_id INTEGER NOT NULL,
     alias TEXT NOT NULL,
@@ -117,6 +127,10 @@ class GcReport:
     removed_blobs: int
     freed_bytes: int
     removed_temp_files: int
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _sha256(data: bytes) -> str:
@@ -209,7 +223,7 @@ class DeltaStore:
                     (
                         delta_id, version, shas[TENSORS_FILE], shas[CONFIG_FILE], shas[CARD_FILE],
                         manifest["nnz"], manifest["density"], len(tensors), manifest["created_at"],
-                        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        _now(),
                         json.dumps(source or {"type": "python"}),
                     ),
                 )
@@ -312,6 +326,26 @@ class DeltaStore:
             )
         return self._get(version.base, version.kind, version.name, version.version)
 
+    def record_remote(self, version: StoredVersion, repo_id: str, commit: str, tag: str) -> None:
+        """Remember that `version` is on the Hub as `repo_id` at `commit`, tagged `tag`."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO remotes SELECT id, ?, ?, ?, ?, ? FROM deltas WHERE base=? AND kind=? AND name=? "
+                "ON CONFLICT (delta_id, version, repo_id) DO UPDATE SET revision_commit=excluded.revision_commit, "
+                "tag=excluded.tag, recorded_at=excluded.recorded_at",
+                (version.version, repo_id, commit, tag, _now(), version.base, version.kind, version.name),
+            )
+
+    def remotes(self, version: StoredVersion) -> list[dict[str, str]]:
+        """Where `version` was pushed: repo id, commit sha and tag per repository."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT r.repo_id, r.revision_commit, r.tag, r.recorded_at FROM remotes r JOIN deltas d ON d.id = r.delta_id "
+                "WHERE d.base=? AND d.kind=? AND d.name=? AND r.version=? ORDER BY r.repo_id",
+                (version.base, version.kind, version.name, version.version),
+            ).fetchall()
+        return [{"repo_id": r[0], "commit": r[1], "tag": r[2], "recorded_at": r[3]} for r in rows]
+
     def remove(self, ref: str | DeltaRef, base: str | None = None) -> list[StoredVersion]:
         """Remove the version `ref` names, or every version when it names none (`lang/hau`).
 
@@ -329,6 +363,7 @@ class DeltaStore:
                     "SELECT id FROM deltas WHERE base=? AND kind=? AND name=?", (version.base, version.kind, version.name)
                 ).fetchone()
                 db.execute("DELETE FROM aliases WHERE delta_id=? AND version=?", (delta_id, version.version))
+                db.execute("DELETE FROM remotes WHERE delta_id=? AND version=?", (delta_id, version.version))
                 db.execute("DELETE FROM versions WHERE delta_id=? AND version=?", (delta_id, version.version))
         return targets
 

@@ -1,0 +1,134 @@
+"""The registry: a catalogue of published deltas, (base model, kind, name) -> Hub repository.
+
+The catalogue ships with sftstore (`registry/index.json` in the source tree); `SFTSTORE_REGISTRY`
+or the `path` argument points at another file with the same schema (see `registry/README.md`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import SftError
+from .naming import KINDS, validate_name
+
+SCHEMA_VERSION = 1
+FORMATS = ("sftstore", "composable-sft")
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_REQUIRED = ("base_model", "kind", "name", "repo_id", "revision", "format", "source", "verified")
+
+
+class RegistryError(SftError, ValueError):
+    """The registry file is malformed; the message names the file, the entry and the field."""
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One published delta."""
+
+    base_model: str
+    kind: str
+    name: str
+    repo_id: str
+    revision: str
+    format: str
+    source: str
+    verified: bool
+    license: str | None = None
+    aliases: tuple[str, ...] = ()
+    task_type: str | None = None
+    labels: tuple[str, ...] = ()
+
+    def matches(self, name: str) -> bool:
+        return name == self.name or name in self.aliases
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Registry:
+    entries: list[RegistryEntry] = field(default_factory=list)
+    path: Path | None = None
+
+    def find(self, base: str, kind: str, name: str) -> RegistryEntry | None:
+        """The entry serving (base, kind, name), by name or alias."""
+        return next((e for e in self.entries if e.base_model == base and e.kind == kind and e.matches(name)), None)
+
+    def search(self, base: str | None = None, lang: str | None = None, task: str | None = None) -> list[RegistryEntry]:
+        """Entries for `base` (any if None), for language `lang` and/or task `task`."""
+        def wanted(entry: RegistryEntry) -> bool:
+            if base is not None and entry.base_model != base:
+                return False
+            if lang is None and task is None:
+                return True
+            return (lang is not None and entry.kind == "language" and entry.matches(lang)) or (
+                task is not None and entry.kind == "task" and entry.matches(task)
+            )
+
+        return [e for e in self.entries if wanted(e)]
+
+
+def default_registry_path() -> Path:
+    if os.environ.get("SFTSTORE_REGISTRY"):
+        return Path(os.environ["SFTSTORE_REGISTRY"])
+    return Path(str(resources.files("sftstore_registry").joinpath("index.json")))
+
+
+def _entry(raw: object, where: str) -> RegistryEntry:
+    def fail(problem: str) -> RegistryError:
+        return RegistryError(f"{where}: {problem}")
+
+    if not isinstance(raw, dict):
+        raise fail("expected an object")
+    missing = [key for key in _REQUIRED if key not in raw]
+    if missing:
+        raise fail(f"missing field(s) {', '.join(missing)}")
+    unknown = set(raw) - {f for f in RegistryEntry.__dataclass_fields__}
+    if unknown:
+        raise fail(f"unknown field(s) {', '.join(sorted(unknown))}")
+    if raw["kind"] not in KINDS:
+        raise fail(f"field 'kind' is {raw['kind']!r}; expected 'language' or 'task'")
+    if raw["format"] not in FORMATS:
+        raise fail(f"field 'format' is {raw['format']!r}; expected one of {', '.join(FORMATS)}")
+    if not isinstance(raw["repo_id"], str) or not _REPO_ID_RE.fullmatch(raw["repo_id"]):
+        raise fail(f"field 'repo_id' is {raw['repo_id']!r}; expected ORG/NAME")
+    if not isinstance(raw["verified"], bool):
+        raise fail("field 'verified' must be true or false")
+    for key in ("base_model", "revision", "source"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise fail(f"field '{key}' must be a non-empty string")
+    for key in ("aliases", "labels"):
+        if not isinstance(raw.get(key, []), list) or not all(isinstance(x, str) for x in raw.get(key, [])):
+            raise fail(f"field '{key}' must be a list of strings")
+    try:
+        for name in [raw["name"], *raw.get("aliases", [])]:
+            validate_name(name)
+    except SftError as exc:
+        raise fail(str(exc)) from None
+    return RegistryEntry(**{**raw, "aliases": tuple(raw.get("aliases", ())), "labels": tuple(raw.get("labels", ()))})
+
+
+def load_registry(path: str | os.PathLike | None = None) -> Registry:
+    """Read and validate a registry file; every (base, kind, name-or-alias) must be unique."""
+    path = Path(path) if path is not None else default_registry_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"{path}: not a readable JSON registry ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or not isinstance(data.get("entries"), list):
+        raise RegistryError(f"{path}: expected {{\"schema_version\": {SCHEMA_VERSION}, \"entries\": [...]}}")
+    entries, seen = [], {}
+    for position, raw in enumerate(data["entries"]):
+        entry = _entry(raw, f"{path}: entry {position}")
+        for name in (entry.name, *entry.aliases):
+            key = (entry.base_model, entry.kind, name)
+            if key in seen:
+                raise RegistryError(f"{path}: entry {position} ({entry.repo_id}) and entry {seen[key]} both serve {key}")
+            seen[key] = position
+        entries.append(entry)
+    return Registry(entries, path)
