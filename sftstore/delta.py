@@ -101,6 +101,23 @@ def validate_tensors(params: Mapping[str, ParameterDelta], head: Mapping[str, to
             raise DeltaFormatError(f"{where}: head tensor 'head::{name}' holds NaN or Inf")
 
 
+def config_for_base(
+    base: nn.Module, *, base_id: str | None = None, base_revision: str | None = None, **config_fields
+) -> DeltaConfig:
+    """A manifest for a delta against `base`: its id, fingerprint and parameter count filled in."""
+    digests = fingerprint(base)
+    return DeltaConfig(
+        base_model=BaseModelInfo(
+            id=base_id or base_key(getattr(base, "name_or_path", "") or "unknown"),
+            arch_digest=digests.arch_digest,
+            weights_digest=digests.weights_digest,
+            revision=base_revision,
+        ),
+        num_parameters=sum(p.numel() for p in base_parameters(base).values()),
+        **config_fields,
+    )
+
+
 def _check_masks(masks: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
     unknown = sorted(set(masks) - set(params))
     if unknown:
@@ -215,17 +232,7 @@ class SparseDelta:
             labels = getattr(tuned.config, "id2label", None)
             if "labels" not in config_fields and labels and config_fields.get("task_type") != "masked-lm":
                 config_fields["labels"] = [labels[i] for i in range(len(labels))]
-        digests = fingerprint(base)
-        config = DeltaConfig(
-            base_model=BaseModelInfo(
-                id=base_id or base_key(getattr(base, "name_or_path", "") or "unknown"),
-                arch_digest=digests.arch_digest,
-                weights_digest=digests.weights_digest,
-                revision=base_revision,
-            ),
-            num_parameters=sum(p.numel() for p in base_params.values()),
-            **config_fields,
-        )
+        config = config_for_base(base, base_id=base_id, base_revision=base_revision, **config_fields)
         delta = cls(params, config, head)
         validate_tensors(delta.params, delta.head, "from_models")
         return delta
@@ -366,11 +373,22 @@ class SparseDelta:
         return save_delta(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> "SparseDelta":
-        """Read and fully validate an artifact directory."""
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, device: torch.device | str = "cpu", **hub_kwargs
+    ) -> "SparseDelta":
+        """Read and fully validate an artifact: a local directory, or a Hub repository id (`org/name`)."""
         from .format import load_delta
+        from .hub import load_from_hub, looks_like_repo_id
 
-        return load_delta(directory, device=device)
+        if looks_like_repo_id(path_or_repo_id):
+            return load_from_hub(os.fspath(path_or_repo_id), revision, **hub_kwargs).to(device)
+        return load_delta(path_or_repo_id, device=device)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None, tag: str | None = None):
+        """Upload this delta's artifact to a Hub repository as one commit (tagged `tag` if given)."""
+        from .hub import push_delta
+
+        return push_delta(self, repo_id, private=private, token=token, tag=tag)
 
 
 class AppliedDelta:

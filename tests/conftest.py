@@ -12,6 +12,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import pytest  # noqa: E402
 
+from hub_server import hub_env, hub_server  # noqa: E402,F401  (fixtures: a Hub-protocol server on 127.0.0.1)
 from sftstore.demo import NER_LABELS, build_tiny_base, synthetic_delta  # noqa: E402
 from sftstore.modeling import load_model  # noqa: E402
 
