@@ -113,7 +113,7 @@ def show(ref, base, as_json) -> None:
     manifest = store.manifest(version)
     layers = store.load(version).layer_summary()
     if as_json:
-        _print_json({**version.to_dict(), "manifest": manifest,
+        _print_json({**version.to_dict(), "manifest": manifest, "remotes": store.remotes(version),
                      "layers": [{"layer": r.name, "numel": r.numel, "nnz": r.nnz, "density": r.density} for r in layers]})
         return
     console.print(_versions_table([version], title=f"{version.ref} ({version.base})"))
@@ -124,6 +124,8 @@ def show(ref, base, as_json) -> None:
             details.add_row(key, json.dumps(manifest[key]) if isinstance(manifest[key], (dict, list)) else str(manifest[key]))
     details.add_row("base_model", json.dumps(manifest["base_model"]))
     details.add_row("source", json.dumps(version.source))
+    for remote in store.remotes(version):
+        details.add_row("pushed to", f"{remote['repo_id']} {remote['tag']} ({remote['commit'][:12]})")
     console.print(details)
     table = Table(title="non-zeros per layer (touched parameters)")
     for column in ("layer", "parameters", "nnz", "density"):
@@ -191,10 +193,26 @@ def gc(as_json) -> None:
 
 @cli.command("import")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@base_option()
+@click.option("--lang", help="composable-sft only: the language code of a language SFT.")
+@click.option("--task", help="composable-sft only: the task name of a task SFT.")
+@click.option("--task-type", type=click.Choice(["token-classification", "sequence-classification"]),
+              help="composable-sft only: the task's head type.")
+@click.option("--labels", help="composable-sft only: the task's labels, comma-separated, in head order.")
 @JSON_OPTION
-def import_command(directory, as_json) -> None:
-    """Validate an artifact directory and add it to the store as the next version."""
-    version, created = _store().import_directory(directory)
+def import_command(directory, base, lang, task, task_type, labels, as_json) -> None:
+    """Validate an artifact directory and add it to the store as the next version.
+
+    A composable-sft directory (pytorch_diff.bin) is converted: name the base model and --lang,
+    or --task with --task-type and --labels.
+    """
+    from sftstore.interop import COMPOSABLE_SFT_FILE
+
+    store = _store()
+    if (directory / COMPOSABLE_SFT_FILE).is_file() and not (directory / "sft_delta.safetensors").is_file():
+        version, created = _import_composable_sft(store, directory, base, lang, task, task_type, labels)
+    else:
+        version, created = store.import_directory(directory)
     if as_json:
         _print_json({**version.to_dict(), "created": created})
     else:
@@ -202,13 +220,37 @@ def import_command(directory, as_json) -> None:
                    f"{version.nnz:,} non-zeros, {version.density:.3%}")
 
 
+def _import_composable_sft(store, directory, base, lang, task, task_type, labels):
+    from sftstore.interop import from_composable_sft
+    from sftstore.modeling import load_model
+
+    if base is None or bool(lang) == bool(task) or (task and not (task_type and labels)):
+        raise click.UsageError(
+            "a composable-sft directory needs --base and either --lang CODE, or --task NAME --task-type T --labels A,B,..."
+        )
+    label_list = labels.split(",") if task else []
+    model = load_model(base, task_type if task else None, label_list)
+    delta = from_composable_sft(directory, model, kind="task" if task else "language", name=task or lang,
+                                task_type=task_type if task else None, labels=label_list)
+    return store.add(delta, source={"type": "import", "format": "composable-sft", "path": str(directory.resolve())})
+
+
 @cli.command()
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @base_option()
-def export(ref, directory, base) -> None:
+@click.option("--format", "fmt", type=click.Choice(["sftstore", "composable-sft"]), default="sftstore",
+              help="sftstore: the stored artifact, byte for byte; composable-sft: a pytorch_diff.bin its SFT class loads.")
+def export(ref, directory, base, fmt) -> None:
     """Write a stored version out as an artifact directory."""
-    out = _store().export(ref, directory, base)
+    store = _store()
+    if fmt == "sftstore":
+        out = store.export(ref, directory, base)
+    else:
+        from sftstore.interop import base_model_prefix_for, to_composable_sft
+
+        version = store.resolve(ref, base)
+        out = to_composable_sft(store.load(version), directory, base_model_prefix_for(version.base))
     click.echo(f"exported {ref} to {out}")
 
 
@@ -221,17 +263,22 @@ def export(ref, directory, base) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Weights dtype (default: as stored).")
 @click.option("--force", is_flag=True, help="Compose even if the base model's fingerprint differs from the deltas'.")
 @click.option("--text", help="Run the composed model's pipeline on this text and print the result.")
+@click.option("--no-pull", is_flag=True, help="Do not pull deltas missing from the store through the registry.")
 @JSON_OPTION
-def compose(base, task, lang, out, device, dtype, force, text, as_json) -> None:
-    """Compose a task and/or language delta onto the base model for zero-shot inference."""
+def compose(base, task, lang, out, device, dtype, force, text, no_pull, as_json) -> None:
+    """Compose a task and/or language delta onto the base model for zero-shot inference.
+
+    Deltas missing from the store are pulled from the Hub when the registry names them.
+    """
     from sftstore.compose import compose as compose_deltas
+    from sftstore.hub import resolve_or_pull
 
     if not task and not lang:
         raise click.UsageError("name at least one of --task and --lang")
     store = _store()
     refs = [DeltaRef.parse(value, kind) for value, kind in ((task, "task"), (lang, "language")) if value]
     started = time.perf_counter()
-    versions = [store.resolve(ref, base) for ref in refs]
+    versions = [resolve_or_pull(store, ref, base, pull=not no_pull) for ref in refs]
     deltas = [store.load(version) for version in versions]
     loaded = time.perf_counter()
     composed = compose_deltas(base, deltas, device=device, dtype=dtype, force=force)
@@ -269,6 +316,48 @@ def _predict(composed, text: str):
         raise click.UsageError("--text needs a token- or sequence-classification task delta and a base with a tokenizer")
     runner = pipeline(task, model=composed.model, tokenizer=composed.tokenizer, device=composed.device)
     return runner(text)
+
+
+TOKEN_OPTION = click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the token of `hf auth login`).")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--repo", required=True, metavar="ORG/NAME", help="Hub repository (created if needed).")
+@base_option()
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@TOKEN_OPTION
+@JSON_OPTION
+def push(ref, repo, base, private, token, as_json) -> None:
+    """Push a stored version to the Hub: one commit, tagged v<N>; pushing it again does nothing."""
+    from sftstore.hub import push_to_hub
+
+    result = push_to_hub(_store(), ref, repo, base=base, private=private, token=token)
+    if as_json:
+        _print_json(result.__dict__)
+    elif result.created:
+        click.echo(f"pushed {ref} to {repo}: commit {result.commit[:12]}, tag {result.tag}")
+    else:
+        click.echo(f"{repo} already has {ref} as tag {result.tag} (commit {result.commit[:12]}); nothing pushed")
+
+
+@cli.command()
+@click.argument("repo", metavar="ORG/NAME[@REVISION]")
+@base_option()
+@click.option("--offline", is_flag=True, help="Use only the local Hub cache (as HF_HUB_OFFLINE=1 does).")
+@TOKEN_OPTION
+@JSON_OPTION
+def pull(repo, base, offline, token, as_json) -> None:
+    """Pull a delta from the Hub (a tag, branch or commit) into the store, validating it fully."""
+    from sftstore.hub import pull_from_hub
+
+    repo_id, _, revision = repo.partition("@")
+    result = pull_from_hub(_store(), repo_id, revision or None, base=base, offline=offline or None, token=token)
+    if as_json:
+        _print_json({**result.version.to_dict(), "created": result.created, "commit": result.commit})
+    else:
+        state = "added" if result.created else "already stored as"
+        click.echo(f"{state} {result.version.ref} ({result.version.base}) from {repo_id} at {result.commit[:12]}")
 
 
 @cli.command()

@@ -59,6 +59,10 @@ class Registry:
         """The entry serving (base, kind, name), by name or alias."""
         return next((e for e in self.entries if e.base_model == base and e.kind == kind and e.matches(name)), None)
 
+    def find_repo(self, repo_id: str) -> RegistryEntry | None:
+        """The entry for a Hub repository id."""
+        return next((e for e in self.entries if e.repo_id == repo_id), None)
+
     def search(self, base: str | None = None, lang: str | None = None, task: str | None = None) -> list[RegistryEntry]:
         """Entries for `base` (any if None), for language `lang` and/or task `task`."""
         def wanted(entry: RegistryEntry) -> bool:

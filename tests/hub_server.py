@@ -11,7 +11,7 @@ every repository lives in memory as a list of commits, each a full snapshot `{pa
 
 In tests, use the fixtures at the bottom of this module from any test module:
 
-    from hub_server import hub_env, hub_server  # noqa: F401  (pytest finds the imported fixtures)
+    # tests/conftest.py imports the fixtures, so every test module can ask for them
 
     def test_push(hub_env):
         api = hub_env.api()              # HfApi(endpoint=..., token=...)

@@ -410,3 +410,31 @@ def test_task_heads_must_match_the_model(task_sft, ner_model, tmp_path):
 def test_base_model_prefix_for_reads_the_config(tiny_bert_dir, tiny_xlmr_dir):
     assert base_model_prefix_for(tiny_bert_dir) == "bert"
     assert base_model_prefix_for(tiny_xlmr_dir) == "roberta"
+
+
+def test_cli_export_and_import_composable_sft(tmp_path, tiny_bert_dir):
+    from click.testing import CliRunner
+
+    from sftstore.demo import synthetic_delta
+    from sftstore.store import DeltaStore
+    from sftstore_cli.main import cli
+
+    model = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    task_delta = synthetic_delta(model, 0.05, 4, kind="task", task="ner", task_type="token-classification",
+                                 labels=NER_LABELS)
+    DeltaStore().add(task_delta)
+    runner = CliRunner()
+    exported = runner.invoke(cli, ["export", "task/ner", str(tmp_path / "out"), "--format", "composable-sft"])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "out" / "pytorch_diff.bin").is_file()
+    usage = runner.invoke(cli, ["import", str(tmp_path / "out"), "--base", str(tiny_bert_dir)])
+    assert usage.exit_code == 2 and "--task-type" in usage.output
+    imported = runner.invoke(cli, ["import", str(tmp_path / "out"), "--base", str(tiny_bert_dir), "--task", "ner2",
+                                   "--task-type", "token-classification", "--labels", ",".join(NER_LABELS), "--json"])
+    assert imported.exit_code == 0, imported.output
+    back = DeltaStore().load("task/ner2")
+    for name, entry in task_delta.params.items():
+        assert torch.equal(back.params[name].indices.long(), entry.indices.long())
+        assert torch.equal(back.params[name].values, entry.values)
+    for name, tensor in task_delta.head.items():
+        assert torch.equal(back.head[name], tensor)
