@@ -49,21 +49,25 @@ def _fingerprinted(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, params[n]) for n in sorted(params) if not n.startswith(_UNFINGERPRINTED_PREFIXES)]
 
 
+def sample_positions(numel: int, count: int = _SAMPLES_PER_PARAMETER) -> torch.Tensor:
+    """`count` evenly spaced flat positions in [0, numel), first and last included, in exact integer arithmetic."""
+    count = min(count, numel)
+    return torch.arange(count, dtype=torch.int64) * (numel - 1) // max(count - 1, 1)
+
+
 @torch.no_grad()
 def fingerprint(model: nn.Module) -> BaseFingerprint:
     """Hash the sorted (name, shape, dtype) of the base parameters and a fixed sample of their values.
 
-    Values are sampled at evenly spaced flat positions and hashed as float32, so the digest does not
-    depend on the device, and is cheap (64 values per parameter).
+    Values are sampled at evenly spaced flat positions (integer arithmetic, so the same positions on
+    every device and size) and hashed as float32: cheap (64 values per parameter) and device-independent.
     """
     arch, weights = hashlib.sha256(), hashlib.sha256()
     for name, param in _fingerprinted(model):
         arch.update(json.dumps([name, list(param.shape), str(param.dtype)]).encode())
         flat = param.detach().reshape(-1)
-        count = min(_SAMPLES_PER_PARAMETER, flat.numel())
-        positions = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
         weights.update(name.encode())
-        weights.update(flat[positions].float().cpu().numpy().tobytes())
+        weights.update(flat[sample_positions(flat.numel()).to(flat.device)].float().cpu().numpy().tobytes())
     return BaseFingerprint(arch.hexdigest(), weights.hexdigest())
 
 

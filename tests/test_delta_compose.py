@@ -218,3 +218,13 @@ def test_saved_composition_runs_in_transformers_pipeline(tmp_path, tiny_bert_dir
     assert [(t["word"], t["entity"]) for t in from_dir] == [(t["word"], t["entity"]) for t in live]
     assert len(live) == len(sentence.split())
     assert (out / "sft_composition.json").is_file()
+
+
+def test_fingerprint_samples_stay_in_range_for_large_parameters():
+    from sftstore.modeling import sample_positions
+
+    for numel in (1, 2, 63, 64, 65, 2**24 + 1, 192_001_536, 250_002 * 768, 2**31 + 7):
+        positions = sample_positions(numel)
+        assert positions[0] == 0 and positions[-1] == numel - 1
+        assert len(positions) == min(64, numel)
+        assert bool((positions[1:] > positions[:-1]).all())
