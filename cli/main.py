@@ -8,47 +8,14 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from sftstore import SftError, __version__
+from sftstore import __version__
 from sftstore.naming import DeltaRef
-from sftstore.settings import base_key, config_path, default_base
-from sftstore.store import DeltaStore, StoredVersion
+from sftstore.store import StoredVersion
 
-console = Console()
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-
-
-class SftGroup(click.Group):
-    """Turns library errors into one clean line on stderr and exit status 1."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except SftError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-def base_option(required: bool = False):
-    help_text = "Base model (Hub id or local directory). Default: $SFTSTORE_BASE or 'base' in the config file."
-    return click.option("--base", envvar="SFTSTORE_BASE", default=None, help=help_text, required=False, metavar="BASE",
-                        callback=lambda ctx, param, value: _resolve_base(value, required))
-
-
-def _resolve_base(value: str | None, required: bool) -> str | None:
-    value = value or default_base()
-    if value is None and required:
-        raise click.UsageError(f"no base model: pass --base, set SFTSTORE_BASE, or put base = \"...\" in {config_path()}")
-    return base_key(value) if value else None
-
-
-def _store() -> DeltaStore:
-    return DeltaStore()
-
-
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+from .common import JSON_OPTION, SftGroup, print_json, human_size, open_store, base_option, console
+from .train import eval_command, train_lang, train_task
 
 
 def _versions_table(versions: list[StoredVersion], title: str | None = None) -> Table:
@@ -62,18 +29,10 @@ def _versions_table(versions: list[StoredVersion], title: str | None = None) -> 
     table.add_column("source")
     for v in versions:
         table.add_row(
-            v.ref, ",".join(v.aliases), v.base, f"{v.nnz:,}", f"{v.density:.3%}", _size(v.size),
+            v.ref, ",".join(v.aliases), v.base, f"{v.nnz:,}", f"{v.density:.3%}", human_size(v.size),
             v.created_at[:16].replace("T", " "), v.source.get("type", ""),
         )
     return table
-
-
-def _size(num_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return ""
 
 
 @click.group(cls=SftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,9 +52,9 @@ def cli() -> None:
 @JSON_OPTION
 def list_command(base, kind, name, as_json) -> None:
     """List stored deltas and their versions."""
-    versions = _store().list(base=base, kind=kind, name=name)
+    versions = open_store().list(base=base, kind=kind, name=name)
     if as_json:
-        _print_json([v.to_dict() for v in versions])
+        print_json([v.to_dict() for v in versions])
     elif not versions:
         click.echo("The store is empty." if not (base or kind or name) else "No delta matches.")
     else:
@@ -108,12 +67,12 @@ def list_command(base, kind, name, as_json) -> None:
 @JSON_OPTION
 def show(ref, base, as_json) -> None:
     """Show one version: manifest, provenance and non-zeros per layer."""
-    store = _store()
+    store = open_store()
     version = store.resolve(ref, base)
     manifest = store.manifest(version)
     layers = store.load(version).layer_summary()
     if as_json:
-        _print_json({**version.to_dict(), "manifest": manifest, "remotes": store.remotes(version),
+        print_json({**version.to_dict(), "manifest": manifest, "remotes": store.remotes(version),
                      "layers": [{"layer": r.name, "numel": r.numel, "nnz": r.nnz, "density": r.density} for r in layers]})
         return
     console.print(_versions_table([version], title=f"{version.ref} ({version.base})"))
@@ -141,7 +100,7 @@ def show(ref, base, as_json) -> None:
 @base_option()
 def tag(ref, alias, base) -> None:
     """Point ALIAS (e.g. best) at the version REF names."""
-    version = _store().tag(ref, alias, base)
+    version = open_store().tag(ref, alias, base)
     click.echo(f"{DeltaRef(version.kind, version.name, alias)} -> {version.ref}")
 
 
@@ -153,9 +112,9 @@ def rm(ref, base, yes) -> None:
     """Remove a version (lang/hau@2), or every version of a delta (lang/hau). Blobs go at the next gc."""
     parsed = DeltaRef.parse(ref)
     if parsed.selector is None and not yes:
-        count = len(_store().list(base=base, kind=parsed.kind, name=parsed.name))
+        count = len(open_store().list(base=base, kind=parsed.kind, name=parsed.name))
         click.confirm(f"Remove all {count} version(s) of {parsed}?", abort=True)
-    for version in _store().remove(parsed, base):
+    for version in open_store().remove(parsed, base):
         click.echo(f"removed {version.ref} ({version.base})")
 
 
@@ -163,9 +122,9 @@ def rm(ref, base, yes) -> None:
 @JSON_OPTION
 def verify(as_json) -> None:
     """Re-hash every stored file; exit with status 1 if anything is missing or damaged."""
-    damage = _store().verify(progress=not as_json)
+    damage = open_store().verify(progress=not as_json)
     if as_json:
-        _print_json([d.__dict__ for d in damage])
+        print_json([d.__dict__ for d in damage])
     elif damage:
         table = Table(title="damaged")
         for column in ("ref", "base", "file", "problem"):
@@ -183,11 +142,11 @@ def verify(as_json) -> None:
 @JSON_OPTION
 def gc(as_json) -> None:
     """Delete blobs that no version references and abandoned temp files."""
-    report = _store().gc()
+    report = open_store().gc()
     if as_json:
-        _print_json(report.__dict__)
+        print_json(report.__dict__)
     else:
-        click.echo(f"removed {report.removed_blobs} blob(s), {_size(report.freed_bytes)}; "
+        click.echo(f"removed {report.removed_blobs} blob(s), {human_size(report.freed_bytes)}; "
                    f"{report.removed_temp_files} stale temp file(s)")
 
 
@@ -208,13 +167,13 @@ def import_command(directory, base, lang, task, task_type, labels, as_json) -> N
     """
     from sftstore.interop import COMPOSABLE_SFT_FILE
 
-    store = _store()
+    store = open_store()
     if (directory / COMPOSABLE_SFT_FILE).is_file() and not (directory / "sft_delta.safetensors").is_file():
         version, created = _import_composable_sft(store, directory, base, lang, task, task_type, labels)
     else:
         version, created = store.import_directory(directory)
     if as_json:
-        _print_json({**version.to_dict(), "created": created})
+        print_json({**version.to_dict(), "created": created})
     else:
         click.echo(f"{'added' if created else 'already stored as'} {version.ref} ({version.base}): "
                    f"{version.nnz:,} non-zeros, {version.density:.3%}")
@@ -243,7 +202,7 @@ def _import_composable_sft(store, directory, base, lang, task, task_type, labels
               help="sftstore: the stored artifact, byte for byte; composable-sft: a pytorch_diff.bin its SFT class loads.")
 def export(ref, directory, base, fmt) -> None:
     """Write a stored version out as an artifact directory."""
-    store = _store()
+    store = open_store()
     if fmt == "sftstore":
         out = store.export(ref, directory, base)
     else:
@@ -275,7 +234,7 @@ def compose(base, task, lang, out, device, dtype, force, text, no_pull, as_json)
 
     if not task and not lang:
         raise click.UsageError("name at least one of --task and --lang")
-    store = _store()
+    store = open_store()
     refs = [DeltaRef.parse(value, kind) for value, kind in ((task, "task"), (lang, "language")) if value]
     started = time.perf_counter()
     versions = [resolve_or_pull(store, ref, base, pull=not no_pull) for ref in refs]
@@ -295,7 +254,7 @@ def compose(base, task, lang, out, device, dtype, force, text, no_pull, as_json)
     if text is not None:
         result["prediction"] = _predict(composed, text)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     click.echo(f"composed {' + '.join(result['deltas'])} onto {base} on {result['device']} "
                f"({result['nnz']:,} non-zeros; deltas loaded in {result['seconds']['load_deltas']} s, "
@@ -332,9 +291,9 @@ def push(ref, repo, base, private, token, as_json) -> None:
     """Push a stored version to the Hub: one commit, tagged v<N>; pushing it again does nothing."""
     from sftstore.hub import push_to_hub
 
-    result = push_to_hub(_store(), ref, repo, base=base, private=private, token=token)
+    result = push_to_hub(open_store(), ref, repo, base=base, private=private, token=token)
     if as_json:
-        _print_json(result.__dict__)
+        print_json(result.__dict__)
     elif result.created:
         click.echo(f"pushed {ref} to {repo}: commit {result.commit[:12]}, tag {result.tag}")
     else:
@@ -352,9 +311,9 @@ def pull(repo, base, offline, token, as_json) -> None:
     from sftstore.hub import pull_from_hub
 
     repo_id, _, revision = repo.partition("@")
-    result = pull_from_hub(_store(), repo_id, revision or None, base=base, offline=offline or None, token=token)
+    result = pull_from_hub(open_store(), repo_id, revision or None, base=base, offline=offline or None, token=token)
     if as_json:
-        _print_json({**result.version.to_dict(), "created": result.created, "commit": result.commit})
+        print_json({**result.version.to_dict(), "created": result.created, "commit": result.commit})
     else:
         state = "added" if result.created else "already stored as"
         click.echo(f"{state} {result.version.ref} ({result.version.base}) from {repo_id} at {result.commit[:12]}")
@@ -371,7 +330,7 @@ def search(base, lang, task, as_json) -> None:
 
     entries = load_registry().search(base=base, lang=lang, task=task)
     if as_json:
-        _print_json([e.to_dict() for e in entries])
+        print_json([e.to_dict() for e in entries])
         return
     if not entries:
         click.echo("No published delta matches.")
@@ -387,17 +346,22 @@ def search(base, lang, task, as_json) -> None:
 
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the demo's store, artifacts and composed model here (default: a temp directory).")
-def demo(workdir) -> None:
-    """Offline demo: build a tiny model and deltas, store, compose, hot-swap, revert, reload."""
+              help="Keep the demo's store, runs and composed model here (default: a temp directory).")
+@click.option("--quick", is_flag=True, help="A few steps on a tiny random model: checks the mechanics in seconds.")
+def demo(workdir, quick) -> None:
+    """Offline demo: train lang/en, lang/hau and task/ner on shipped data; score Hausa NER F1."""
     from sftstore.demo import run_demo
 
     if workdir is not None:
-        run_demo(workdir, click.echo)
+        run_demo(workdir, click.echo, quick=quick)
         return
     with tempfile.TemporaryDirectory(prefix="sft-demo-") as tmp:
-        run_demo(tmp, click.echo)
+        run_demo(tmp, click.echo, quick=quick)
 
+
+cli.add_command(train_lang)
+cli.add_command(train_task)
+cli.add_command(eval_command)
 
 if __name__ == "__main__":
     cli()

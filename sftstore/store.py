@@ -69,6 +69,15 @@ CREATE TABLE IF NOT EXISTS remotes (
     PRIMARY KEY (delta_id, version, repo_id),
     FOREIGN KEY (delta_id, version) REFERENCES versions(delta_id, version) ON DELETE CASCADE
 );
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY,
+    base TEXT NOT NULL,
+    deltas TEXT NOT NULL,
+    data TEXT NOT NULL,
+    data_sha256 TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS aliases (
     delta_id INTEGER NOT NULL,
     alias TEXT NOT NULL,
@@ -345,6 +354,24 @@ class DeltaStore:
                 (version.base, version.kind, version.name, version.version),
             ).fetchall()
         return [{"repo_id": r[0], "commit": r[1], "tag": r[2], "recorded_at": r[3]} for r in rows]
+
+    def record_result(self, versions: list[StoredVersion], data: str, data_sha256: str, metrics: dict[str, Any]) -> None:
+        """Remember an evaluation: which exact versions were composed, on which data, with what scores."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO results (base, deltas, data, data_sha256, metrics, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (versions[0].base, json.dumps([v.ref for v in versions]), data, data_sha256, json.dumps(metrics), _now()),
+            )
+
+    def results(self, base: str | None = None) -> list[dict[str, Any]]:
+        """Recorded evaluations, oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT base, deltas, data, data_sha256, metrics, recorded_at FROM results "
+                + ("WHERE base=? " if base else "") + "ORDER BY id", (base,) if base else (),
+            ).fetchall()
+        return [{"base": r[0], "deltas": json.loads(r[1]), "data": r[2], "data_sha256": r[3],
+                 "metrics": json.loads(r[4]), "recorded_at": r[5]} for r in rows]
 
     def remove(self, ref: str | DeltaRef, base: str | None = None) -> list[StoredVersion]:
         """Remove the version `ref` names, or every version when it names none (`lang/hau`).

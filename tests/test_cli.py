@@ -136,6 +136,11 @@ def test_compose_refuses_another_base_unless_forced(imported, tmp_path):
 
 
 def test_demo_runs_offline(tmp_path):
-    out = run("demo", "--workdir", str(tmp_path / "demo")).output
-    assert "transformers.pipeline reloads it with the same tags: True" in out
-    assert "bit-identical to the base: True" in out
+    out = run("demo", "--workdir", str(tmp_path / "demo"), "--quick").output
+    assert "trained lang/en@1" in out and "trained lang/hau@1" in out and "trained task/ner@1 with lang/en applied" in out
+    for row in ("task/ner ", "task/ner + lang/hau", "task/ner + lang/en"):
+        assert row in out
+    store = DeltaStore(tmp_path / "demo" / "store")
+    assert [v.ref for v in store.list()] == ["lang/en@1", "lang/hau@1", "task/ner@1"]
+    assert len(store.results()) == 3
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "demo" / "composed-ner-hau").config.id2label

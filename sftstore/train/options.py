@@ -1,0 +1,68 @@
+"""User-facing training hyper-parameters and their `transformers.TrainingArguments`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class TrainingOptions:
+    """The knobs `sft train-lang` / `sft train-task` expose (paper defaults where it gives them).
+
+    `max_steps` (if set) overrides `epochs`; `phase1_epochs` / `phase1_max_steps` shorten LT-SFT's
+    first phase (the paper: 3 of 10 epochs for NER/POS). Checkpoints are evaluated every
+    `eval_steps` and the best one (lowest held-out loss, or highest dev metric) is kept.
+    """
+
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    max_length: int = 256
+    epochs: float = 10.0
+    max_steps: int = -1
+    phase1_epochs: float | None = None
+    phase1_max_steps: int | None = None
+    eval_steps: int = 250
+    weight_decay: float = 0.0
+    seed: int = 42
+    use_cpu: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def training_arguments(self, output_dir: str, metric: str, greater_is_better: bool) -> TrainingArguments:
+        return TrainingArguments(
+            output_dir=output_dir,
+            learning_rate=self.learning_rate,
+            lr_scheduler_type="linear",
+            weight_decay=self.weight_decay,
+            per_device_train_batch_size=self.batch_size,
+            per_device_eval_batch_size=max(self.batch_size, 32),
+            num_train_epochs=self.epochs,
+            max_steps=self.max_steps,
+            eval_strategy="steps",
+            eval_steps=self.eval_steps,
+            save_strategy="steps",
+            save_steps=self.eval_steps,
+            save_total_limit=1,
+            load_best_model_at_end=True,
+            metric_for_best_model=metric,
+            greater_is_better=greater_is_better,
+            logging_steps=max(1, min(50, self.eval_steps)),
+            seed=self.seed,
+            data_seed=self.seed,
+            report_to=[],
+            disable_tqdm=not self.progress,
+            use_cpu=self.use_cpu,
+            dataloader_num_workers=0,
+            **self.extra,
+        )
+
+    def phase1_overrides(self) -> dict[str, Any]:
+        overrides: dict[str, Any] = {}
+        if self.phase1_epochs is not None:
+            overrides["num_train_epochs"] = self.phase1_epochs
+        if self.phase1_max_steps is not None:
+            overrides["max_steps"] = self.phase1_max_steps
+        return overrides
