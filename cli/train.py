@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,14 @@ def _output_dir(given: Path | None, store, kind: str, name: str) -> Path:
     return given if given is not None else store.root / "runs" / f"{kind}-{name}"
 
 
+def _store_result(store, delta, method: str, as_json: bool) -> None:
+    """Store and report the trained delta, once: under torchrun only the main process does."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    version, created = store.add(delta, source={"type": "train", "method": method})
+    _report(version, created, as_json, delta.config.metrics)
+
+
 def _report(version, created: bool, as_json: bool, metrics: dict) -> None:
     if as_json:
         print_json({**version.to_dict(), "created": created, "metrics": metrics})
@@ -104,8 +113,7 @@ def train_lang(base, language, texts, held_out, as_json, output_dir, resume, **v
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's logs; stdout is for the result
         delta = train_language_delta(base, language, texts, _output_dir(output_dir, store, "lang", language), sft=sft,
                                      options=options, held_out_fraction=held_out, resume=resume)
-    version, created = store.add(delta, source={"type": "train", "method": sft.method})
-    _report(version, created, as_json, delta.config.metrics)
+    _store_result(store, delta, sft.method, as_json)
 
 
 @click.command("train-task")
@@ -115,7 +123,8 @@ def train_lang(base, language, texts, held_out, as_json, output_dir, resume, **v
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Training data (repeatable).")
 @click.option("--dev", "dev_files", required=True, multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Dev data: picks the checkpoint.")
-@click.option("--source-lang", help="The source language: its delta (lang/CODE in the store) is applied during training.")
+@click.option("--source-lang", help="The source language: its delta (lang/CODE in the store) is applied during training. "
+              "Several (en,swa): multi-source, with one --train and one --dev per language, in the same order.")
 @click.option("--name", help="Store the delta as task/NAME (default: the task).")
 @sparse_options
 @JSON_OPTION
@@ -125,20 +134,23 @@ def train_task(base, task, train_files, dev_files, source_lang, name, as_json, o
 
     store = open_store()
     sft, options = build_arguments({"num_params": "14.2M", "l1": 0.0, "max_steps": None, **TASK_DEFAULTS[task]}, values)
-    sources, lineage = [], {}
-    if source_lang:
-        version = store.resolve(DeltaRef.parse(source_lang, "language"), base)
-        sources.append(store.load(version))
-        lineage = {"source_languages": [version.name], "source_deltas": [
-            {"ref": version.ref, "tensors_sha256": version.tensors_sha256}]}
+    versions = [store.resolve(DeltaRef.parse(code, "language"), base) for code in (source_lang or "").split(",") if code]
+    sources = [store.load(version) for version in versions]
+    lineage = {"source_languages": [v.name for v in versions],
+               "source_deltas": [{"ref": v.ref, "tensors_sha256": v.tensors_sha256} for v in versions]} if versions else {}
+    if len(versions) > 1:
+        if not len(train_files) == len(dev_files) == len(versions):
+            raise click.UsageError("multi-source training takes one --train and one --dev per --source-lang language")
+        train, dev = [TaskData.read(task, [f]) for f in train_files], [TaskData.read(task, [f]) for f in dev_files]
+    else:
+        train, dev = TaskData.read(task, train_files), TaskData.read(task, dev_files)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's logs; stdout is for the result
         delta = train_task_delta(
-            base, task, TaskData.read(task, train_files), TaskData.read(task, dev_files),
+            base, task, train, dev,
             _output_dir(output_dir, store, "task", name or task), sft=sft, options=options,
             source_deltas=sources, lineage=lineage, name=name, resume=resume,
         )
-    version, created = store.add(delta, source={"type": "train", "method": sft.method})
-    _report(version, created, as_json, delta.config.metrics)
+    _store_result(store, delta, sft.method, as_json)
 
 
 @click.command("eval")

@@ -217,7 +217,7 @@ def test_cli_train_lang_train_task_eval(tmp_path, tiny_bert_dir):
     assert task.exit_code == 0, task.output
     stored = DeltaStore().load("task/ner")
     assert stored.config.lineage["source_languages"] == ["en"]
-    assert stored.config.training["data"]["train"][0]["sha256"]
+    assert stored.config.training["data"]["train"][0][0]["sha256"]
     evaluation = runner.invoke(cli, ["eval", "--base", base, "--task", "ner", "--lang", "en",
                                      "--data", str(shipped_data("ner/hau/test.txt")), "--max-length", "32", "--json"])
     assert evaluation.exit_code == 0, evaluation.output
@@ -258,3 +258,41 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_bert_dir):
         torch.testing.assert_close(entry.values, two.params[name].values, rtol=1e-4, atol=1e-6)
     for name, tensor in one.head.items():
         torch.testing.assert_close(tensor, two.head[name], rtol=1e-4, atol=1e-6)
+
+
+def test_multi_source_batches_apply_their_own_language(tmp_path, tiny_bert_dir):
+    """Each batch is one language, trained with that language's delta in place; the result holds neither."""
+    from sftstore.train.multi_source import MultiSourceTrainer
+
+    model = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    sources = [synthetic_delta(model, 0.05, seed, kind="language", language=code) for seed, code in ((7, "en"), (8, "swa"))]
+    first = [p.detach().clone() for p in (e.values for e in sources[0].params.values())]
+    seen = []
+    original = MultiSourceTrainer.use_language
+
+    def spy(self, language):
+        original(self, language)
+        name, entry = next(iter(self.language_deltas[language].params.items()))
+        theta = base_parameters(self.model)[name].reshape(-1)[entry.indices.long()]
+        seen.append((language, theta.clone()))
+
+    english = TaskData.read("ner", [shipped_data("ner/en/train.txt")]).head(24)
+    hausa = TaskData.read("ner", [shipped_data("ner/hau/dev.txt")]).head(24)
+    MultiSourceTrainer.use_language = spy
+    try:
+        delta = train_task_delta(tiny_bert_dir, "ner", [english, hausa], [english, hausa], tmp_path / "run",
+                                 sft=SparseFineTuningArguments(density=0.05), options=options(batch_size=4),
+                                 source_deltas=sources)
+    finally:
+        MultiSourceTrainer.use_language = original
+    assert {language for language, _ in seen} == {0, 1}  # both languages trained, each batch one language
+    assert delta.nnz > 0 and all(torch.equal(a, b) for a, b in zip(first, (e.values for e in sources[0].params.values())))
+    # after training no language delta is left in the weights: the trained model minus the task delta is theta0
+    trained = load_model(tmp_path / "run" / "phase2" / sorted(p.name for p in (tmp_path / "run" / "phase2").glob("checkpoint-*"))[-1],
+                         "token-classification", NER_LABELS)
+    theta0 = base_parameters(load_model(tiny_bert_dir, "token-classification", NER_LABELS))
+    for name, param in base_parameters(trained).items():
+        expected = theta0[name].detach().clone().reshape(-1)
+        if name in delta.params:
+            expected[delta.params[name].indices.long()] += delta.params[name].values
+        torch.testing.assert_close(param.detach().reshape(-1), expected, rtol=0, atol=1e-6)

@@ -80,8 +80,10 @@ def _copy_head(model: nn.Module, head: Mapping[str, torch.Tensor]) -> None:
 class _Run:
     """One sparse fine-tuning run; phases checkpoint under `args.output_dir` so `--resume` works."""
 
-    def __init__(self, make_model, args: TrainingArguments, sft: SparseFineTuningArguments, trainer_kwargs, resume):
+    def __init__(self, make_model, args: TrainingArguments, sft: SparseFineTuningArguments, trainer_kwargs, resume,
+                 trainer_class: type[SparseFineTuningTrainer]):
         self.make_model = make_model
+        self.trainer_class = trainer_class
         self.args = args
         self.sft = sft
         self.trainer_kwargs = trainer_kwargs
@@ -97,8 +99,8 @@ class _Run:
     def train(self, model: nn.Module, name: str, support: Support | None, overrides: Mapping[str, Any], **l1) -> nn.Module:
         out = self.root / name
         args = dataclasses.replace(self.args, output_dir=str(out), **overrides)
-        trainer = SparseFineTuningTrainer(model=model, args=args, support=support, l1_lambda=self.sft.l1_lambda,
-                                          **l1, **self.trainer_kwargs)
+        trainer = self.trainer_class(model=model, args=args, support=support, l1_lambda=self.sft.l1_lambda,
+                                     **l1, **self.trainer_kwargs)
         checkpoint = get_last_checkpoint(str(out)) if self.resume and out.is_dir() else None
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.remove_hooks()
@@ -203,13 +205,14 @@ def train_sparse(
     *,
     resume: bool = False,
     keep_head: bool = True,
+    trainer_class: type[SparseFineTuningTrainer] = SparseFineTuningTrainer,
     **trainer_kwargs,
 ) -> SparseFineTuningResult:
     """Run `sft.method` and return the sparse difference from theta0, the trained head and a log.
 
-    `trainer_kwargs` go to each phase's `Trainer` (datasets, collator, compute_metrics, callbacks).
+    `trainer_kwargs` go to each phase's `trainer_class` (datasets, collator, compute_metrics, callbacks).
     """
-    run = _Run(make_model, args, sft, trainer_kwargs, resume)
+    run = _Run(make_model, args, sft, trainer_kwargs, resume, trainer_class)
     model, support = run.run()
     theta0 = make_model() if support is None else None
     params = _sparse_difference(model, theta0, support)

@@ -9,6 +9,7 @@ picks the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from .data import (
 from .evaluate import TASK_METRICS, predict, score_labels, score_tags, sequence_metrics, token_metrics
 from .language import _method_record, _options_record
 from .lt_sft import SparseFineTuningArguments, train_sparse
+from .multi_source import LanguageTaggedDataset, MultiSourceTrainer
 from .options import TrainingOptions
 
 TASK_TYPES = {"ner": "token-classification", "pos": "token-classification", "nli": "sequence-classification"}
@@ -88,8 +90,8 @@ def collator_for(task: str, tokenizer):
 def train_task_delta(
     base: str | os.PathLike,
     task: str,
-    train: TaskData,
-    dev: TaskData,
+    train: TaskData | Sequence[TaskData],
+    dev: TaskData | Sequence[TaskData],
     output_dir: str | os.PathLike,
     *,
     sft: SparseFineTuningArguments,
@@ -102,12 +104,21 @@ def train_task_delta(
 ) -> SparseDelta:
     """Train a task delta with the source-language deltas applied; return it (not yet stored).
 
-    `name` files it under another task name than `task` (e.g. `ner-conll`)."""
+    Multi-source: give one `train` and one `dev` set per source-language delta (same order); each
+    batch then comes from one language, with its delta applied for the step. `name` files the
+    delta under another task name than `task` (e.g. `ner-conll`).
+    """
     started = time.time()
     task_type = TASK_TYPES[task]
+    trains, devs = ([train], [dev]) if isinstance(train, TaskData) else (list(train), list(dev))
+    multi_source = len(trains) > 1
+    if multi_source and not len(trains) == len(devs) == len(source_deltas):
+        raise ValueError(f"multi-source training needs one train and one dev set per source language delta; got "
+                         f"{len(trains)} train, {len(devs)} dev, {len(source_deltas)} deltas")
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(base), revision=revision)
-    labels = train.labels()
-    train_set, dev_set = train.dataset(tokenizer, labels, options.max_length), dev.dataset(tokenizer, labels, options.max_length)
+    labels = TaskData(task, [e for data in trains for e in data.examples], []).labels()
+    train_sets = [data.dataset(tokenizer, labels, options.max_length) for data in trains]
+    dev_sets = [data.dataset(tokenizer, labels, options.max_length) for data in devs]
     metric = TASK_METRICS[task]
     compute_metrics = sequence_metrics if task == "nli" else token_metrics(task, dict(enumerate(labels)))
     base_id = base_key(base)
@@ -117,15 +128,21 @@ def train_task_delta(
         digests = fingerprint(model)
         for delta in source_deltas:
             check_base(delta, base_id, digests)
-            delta.apply(model)
+            if not multi_source:  # multi-source: applied per batch by the trainer
+                delta.apply(model)
         return model.train()
 
     args = options.training_arguments(str(output_dir), metric=metric, greater_is_better=True)
     sft.phase1_overrides = {**options.phase1_overrides(), **sft.phase1_overrides}
+    data = {"train_dataset": train_sets[0], "eval_dataset": dev_sets[0]}
+    if multi_source:
+        args = dataclasses.replace(args, remove_unused_columns=False)
+        data = {"train_dataset": LanguageTaggedDataset(train_sets), "eval_dataset": LanguageTaggedDataset(dev_sets),
+                "trainer_class": MultiSourceTrainer, "language_deltas": list(source_deltas)}
     torch.manual_seed(options.seed)  # the same head initialisation for the same seed
     result = train_sparse(
-        make_model, args, sft, resume=resume, train_dataset=train_set, eval_dataset=dev_set,
-        data_collator=collator_for(task, tokenizer), compute_metrics=compute_metrics,
+        make_model, args, sft, resume=resume, data_collator=collator_for(task, tokenizer),
+        compute_metrics=compute_metrics, **data,
     )
     config = config_for_base(
         load_model(base, task_type, labels, revision),
@@ -137,8 +154,8 @@ def train_task_delta(
         labels=labels,
         method=_method_record(sft),
         training={
-            "data": {"train": describe_files(train.files), "dev": describe_files(dev.files)},
-            "examples": {"train": len(train.examples), "dev": len(dev.examples)},
+            "data": {"train": [describe_files(d.files) for d in trains], "dev": [describe_files(d.files) for d in devs]},
+            "examples": {"train": [len(d.examples) for d in trains], "dev": [len(d.examples) for d in devs]},
             "options": _options_record(options),
             "log": result.log,
             "wall_seconds": round(time.time() - started, 1),
