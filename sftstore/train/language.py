@@ -76,12 +76,12 @@ def train_language_delta(
         base_revision=revision,
         kind="language",
         language=language,
-        method=_method_record(sft),
+        method=sft.record(),
         training={
             "data": describe_files(text_files),
             "lines": {"train": len(train_lines), "held_out": len(held_out)},
             "blocks": {"train": len(train_set), "held_out": len(eval_set)},
-            "options": _options_record(options),
+            "options": options.record(),
             "log": result.log,
             "wall_seconds": round(time.time() - started, 1),
             "library": f"sftstore {__version__}",
@@ -89,15 +89,4 @@ def train_language_delta(
         metrics={"held_out_mlm_loss": best},
     )
     return SparseDelta(result.params, config)
-
-
-def _method_record(sft: SparseFineTuningArguments) -> dict:
-    return {"name": sft.method, "num_params": sft.num_params, "density": sft.density, "l1_lambda": sft.l1_lambda,
-            "rounds": sft.rounds, "seed": sft.seed}
-
-
-def _options_record(options: TrainingOptions) -> dict:
-    record = dict(vars(options))
-    record.pop("progress")
-    return record
 

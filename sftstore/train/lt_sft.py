@@ -56,6 +56,11 @@ class SparseFineTuningArguments:
         if self.rounds < 1 or (self.rounds > 1 and self.method != "lt-sft"):
             raise ValueError("rounds must be >= 1, and more than one round only applies to lt-sft")
 
+    def record(self) -> dict[str, Any]:
+        """The manifest's `method` entry."""
+        return {"name": self.method, "num_params": self.num_params, "density": self.density,
+                "l1_lambda": self.l1_lambda, "rounds": self.rounds, "seed": self.seed}
+
 
 @dataclass
 class SparseFineTuningResult:

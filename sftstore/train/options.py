@@ -59,6 +59,10 @@ class TrainingOptions:
             **self.extra,
         )
 
+    def record(self) -> dict[str, Any]:
+        """What the manifest's `training.options` records."""
+        return {k: v for k, v in vars(self).items() if k != "progress"}
+
     def phase1_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {}
         if self.phase1_epochs is not None:

@@ -37,7 +37,6 @@ from .data import (
     read_nli_tsv,
 )
 from .evaluate import TASK_METRICS, predict, score_labels, score_tags, sequence_metrics, token_metrics
-from .language import _method_record, _options_record
 from .lt_sft import SparseFineTuningArguments, train_sparse
 from .multi_source import LanguageTaggedDataset, MultiSourceTrainer
 from .options import TrainingOptions
@@ -152,11 +151,11 @@ def train_task_delta(
         task=name or task,
         task_type=task_type,
         labels=labels,
-        method=_method_record(sft),
+        method=sft.record(),
         training={
             "data": {"train": [describe_files(d.files) for d in trains], "dev": [describe_files(d.files) for d in devs]},
             "examples": {"train": [len(d.examples) for d in trains], "dev": [len(d.examples) for d in devs]},
-            "options": _options_record(options),
+            "options": options.record(),
             "log": result.log,
             "wall_seconds": round(time.time() - started, 1),
             "library": f"sftstore {__version__}",
