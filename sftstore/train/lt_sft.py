@@ -32,7 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..delta import ParameterDelta, index_dtype_for
 from ..modeling import base_parameters, head_parameters
-from .masks import bias_mask, parse_budget, random_mask, top_k_mask
+from .masks import bias_mask, lottery_ticket_mask, parse_budget, random_mask, top_k_mask
 from .sparse_trainer import SparseFineTuningTrainer, Support
 
 METHODS = ("lt-sft", "rand-sft", "bitfit", "full")
@@ -119,15 +119,19 @@ class _Run:
         if self.resume and path.is_file():
             return load_file(str(path))
         current, start = _trainable(tuned), base_parameters(theta0)
+        if keep is None:  # |theta1 - theta0| scored chunk by chunk: no whole score tensor in memory
+            masks = lottery_ticket_mask({n: p.detach() for n, p in current.items()},
+                                        {n: start[n].detach() for n in current}, k)
+        else:  # later rounds: entries chosen before score +inf, so they stay chosen
+            def moved(name: str) -> Callable[[], torch.Tensor]:
+                def score() -> torch.Tensor:
+                    distance = (current[name].detach().float() - start[name].detach().float()).abs()
+                    return distance.masked_fill(keep[name], float("inf"))
 
-        def moved(name: str) -> Callable[[], torch.Tensor]:
-            def score() -> torch.Tensor:
-                distance = (current[name].detach().float() - start[name].detach().float()).abs()
-                return distance if keep is None else distance.masked_fill(keep[name], float("inf"))
+                return score
 
-            return score
-
-        masks = top_k_mask({name: moved(name) for name in current}, k)  # every rank selects the same entries
+            masks = top_k_mask({name: moved(name) for name in current}, k)
+        # every rank of a distributed run selects the same entries; one writes them
         if self.args.process_index == 0:
             save_file({n: m.contiguous().cpu() for n, m in masks.items()}, str(path))
         return masks
