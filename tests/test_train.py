@@ -296,3 +296,24 @@ def test_multi_source_batches_apply_their_own_language(tmp_path, tiny_bert_dir):
         if name in delta.params:
             expected[delta.params[name].indices.long()] += delta.params[name].values
         torch.testing.assert_close(param.detach().reshape(-1), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("task", "fixture"), [("pos", "en_ewt-ud-dev.head.conllu"), ("nli", "xnli-dev-en.head.tsv")])
+def test_pos_and_nli_train_and_score(tmp_path, tiny_bert_dir, task, fixture):
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / fixture
+    data = TaskData.read(task, [path])
+    delta = train_task_delta(tiny_bert_dir, task, data, data, tmp_path / "run",
+                             sft=SparseFineTuningArguments(density=0.05), options=options())
+    expected_type = "sequence-classification" if task == "nli" else "token-classification"
+    assert delta.config.task_type == expected_type and delta.head and delta.nnz > 0
+    if task == "nli":
+        assert delta.config.labels == ["entailment", "neutral", "contradiction"]
+    else:
+        assert {"NOUN", "VERB", "PUNCT"} <= set(delta.config.labels)
+    model = load_model(tiny_bert_dir, expected_type, delta.config.labels)
+    delta.apply(model)
+    metrics = evaluate_task(model, AutoTokenizer.from_pretrained(tiny_bert_dir), data, delta.config.labels, max_length=32)
+    assert set(metrics) == {"accuracy"} and 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(delta.config.metrics) == {"dev_accuracy"} and 0.0 <= delta.config.metrics["dev_accuracy"] <= 1.0
