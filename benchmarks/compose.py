@@ -61,6 +61,7 @@ from sftstore.delta import ParameterDelta, SparseDelta, index_dtype_for
 from sftstore.demo import NER_LABELS
 from sftstore.format import TENSORS_FILE
 from sftstore.modeling import base_parameters, fingerprint, head_parameters
+from table import render_table  # benchmarks/table.py (the script's folder is on sys.path)
 
 T = TypeVar("T")
 
@@ -361,14 +362,7 @@ def cells(row: Row, small: bool) -> list[str]:
 
 def render(rows: Sequence[Row], markdown: bool, small: bool) -> str:
     header = ["operation", "sftstore", "baseline (composable-sft)", "baseline / sftstore", "target", "status"]
-    table = [header] + [cells(row, small) for row in rows]
-    if markdown:
-        lines = ["| " + " | ".join(line) + " |" for line in table]
-        lines.insert(1, "|" + "|".join(["---"] + ["---:"] * 4 + [":---"]) + "|")
-        return "\n".join(lines)
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    aligned = [[line[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])] for line in table]
-    return "\n".join("  ".join(line) for line in aligned)
+    return render_table(header, [cells(row, small) for row in rows], markdown)
 
 
 def build_rows(

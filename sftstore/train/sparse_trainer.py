@@ -1,7 +1,8 @@
 """A `transformers.Trainer` whose updates stay inside a sparse support, using only public hooks.
 
-- Gradients outside the support are zeroed by tensor hooks, during backward (so gradient clipping
-  and the optimizer only ever see masked gradients).
+- Gradients outside the support are zeroed during backward, so gradient clipping and the optimizer
+  only ever see masked gradients: in place once accumulated into `.grad` (one process), or on
+  their way into `.grad` (distributed, where DDP reduces them after accumulation).
 - Decoupled weight decay is taken out of the optimizer for supported parameters and applied by a
   step pre-hook inside the support only, so it never moves a frozen entry. Adam's moments of an
   entry whose gradient is always zero stay zero, so its update is exactly zero.
@@ -9,7 +10,8 @@
   their starting values (`compute_loss`).
 
 Memory beyond plain fine-tuning: per supported parameter, its flat indices (int64) and its starting
-values there (float32): 12 bytes per selected entry, e.g. 0.34 bytes per parameter at 2.8% density.
+values there (float32): 12 bytes per selected entry, e.g. 0.34 bytes per parameter at 2.8% density
+(distributed runs add a transient masked copy of the largest gradient).
 """
 
 from __future__ import annotations
@@ -65,19 +67,33 @@ class SparseFineTuningTrainer(Trainer):
         self.l1_count = l1_count
         params = base_parameters(self.model)
         self._supported = {name: params[name] for name in (support.indices if support else {})}
-        self._hooks = [param.register_hook(self._masker(name)) for name, param in self._supported.items()]
+        if self.args.world_size > 1:  # DDP reduces after accumulation: mask the gradient on its way in
+            self._hooks = [p.register_hook(self._masked_copy(n)) for n, p in self._supported.items()]
+        else:  # one process: mask .grad in place once accumulated, with no second full-size gradient
+            self._hooks = [p.register_post_accumulate_grad_hook(self._mask_in_place(n)) for n, p in self._supported.items()]
         # a base parameter with no supported entry does not train at all (until remove_hooks)
         self._frozen = [p for n, p in params.items() if p.requires_grad and support and n not in support.indices]
         for param in self._frozen:
             param.requires_grad_(False)
 
-    def _masker(self, name: str):
+    def _masked_copy(self, name: str):
         indices = self.support.indices[name]
 
         def keep_supported(grad: torch.Tensor) -> torch.Tensor:
             masked = torch.zeros_like(grad)
             masked.view(-1).index_copy_(0, indices, grad.reshape(-1).index_select(0, indices))
             return masked
+
+        return keep_supported
+
+    def _mask_in_place(self, name: str):
+        indices = self.support.indices[name]
+
+        def keep_supported(param: nn.Parameter) -> None:
+            flat = param.grad.view(-1)
+            kept = flat.index_select(0, indices)
+            flat.zero_()
+            flat.index_copy_(0, indices, kept)
 
         return keep_supported
 
