@@ -170,7 +170,7 @@ def test_l1_term_is_lambda_over_n_times_the_distance(tmp_path, tiny_bert_dir, ne
     batch = ner_data["data_collator"]([ner_data["train_dataset"][i] for i in range(4)])
     distance = sum(0.01 * i.numel() for i in support.indices.values())
     extra = pulled.compute_loss(model, dict(batch)) - plain.compute_loss(model, dict(batch))
-    assert float(extra) == pytest.approx(0.5 / 1000 * distance, rel=1e-3)
+    assert float(extra.detach()) == pytest.approx(0.5 / 1000 * distance, rel=1e-3)
     pulled.remove_hooks()
 
 

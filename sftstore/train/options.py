@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -56,6 +57,7 @@ class TrainingOptions:
             disable_tqdm=not self.progress,
             use_cpu=self.use_cpu,
             dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available() and not self.use_cpu,
             **self.extra,
         )
 
