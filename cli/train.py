@@ -42,6 +42,8 @@ def sparse_options(command):
         click.option("--phase1-max-steps", type=int),
         click.option("--eval-steps", type=int, help="Evaluate (and checkpoint) every N steps; the best checkpoint is kept."),
         click.option("--seed", type=int, default=42, show_default=True),
+        click.option("--lr-policy", type=click.Choice(["slow-fast"]),
+                     help="Fine-tuning Slow and Fast: learning-rate multipliers by layer group and phase."),
         click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Checkpoints of the run (default: $SFTSTORE_HOME/runs/KIND-NAME)."),
         click.option("--resume", is_flag=True, help="Continue the run in --output-dir from its last checkpoint."),
@@ -72,7 +74,7 @@ def build_arguments(defaults: dict, cli_values: dict):
         learning_rate=pick("learning_rate"), batch_size=pick("batch_size"), max_length=cli_values["max_length"],
         epochs=pick("epochs"), max_steps=pick("max_steps") or -1, phase1_epochs=pick("phase1_epochs"),
         phase1_max_steps=pick("phase1_max_steps"), eval_steps=pick("eval_steps"), seed=cli_values["seed"],
-        use_cpu=cli_values["use_cpu"], progress=not cli_values["no_progress"],
+        use_cpu=cli_values["use_cpu"], progress=not cli_values["no_progress"], lr_policy=cli_values["lr_policy"],
     )
     return sft, options
 

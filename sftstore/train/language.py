@@ -67,7 +67,7 @@ def train_language_delta(
     torch.manual_seed(options.seed)  # reproducible initialisation of a head the checkpoint lacks
     result = train_sparse(
         lambda: prepare_mlm_model(base, revision), args, sft, resume=resume, keep_head=False,
-        train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+        train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, **options.trainer_kwargs(),
     )
     best = [phase["best_metric"] for phase in result.log["phases"]][-1]
     config = config_for_base(

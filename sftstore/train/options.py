@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from .slow_fast import SlowFastPolicy
+
 
 @dataclass
 class TrainingOptions:
@@ -30,6 +32,7 @@ class TrainingOptions:
     seed: int = 42
     use_cpu: bool = False
     progress: bool = True
+    lr_policy: str | None = None  # "slow-fast": Fine-tuning Slow and Fast's multipliers (paper defaults)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def training_arguments(self, output_dir: str, metric: str, greater_is_better: bool) -> TrainingArguments:
@@ -60,6 +63,14 @@ class TrainingOptions:
             dataloader_pin_memory=torch.cuda.is_available() and not self.use_cpu,
             **self.extra,
         )
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """What every phase's trainer takes from these options (the learning-rate policy)."""
+        if self.lr_policy is None:
+            return {}
+        if self.lr_policy != "slow-fast":
+            raise ValueError(f"unknown lr_policy {self.lr_policy!r}: expected 'slow-fast'")
+        return {"lr_policy": SlowFastPolicy(num_layers=0)}  # depth filled in from the model
 
     def record(self) -> dict[str, Any]:
         """What the manifest's `training.options` records."""

@@ -4,7 +4,8 @@
   only ever see masked gradients: in place once accumulated into `.grad` (one process), or on
   their way into `.grad` (distributed, where DDP reduces them after accumulation).
 - Decoupled weight decay is taken out of the optimizer for supported parameters and applied by a
-  step pre-hook inside the support only, so it never moves a frozen entry. Adam's moments of an
+  step pre-hook inside the support only, so it never moves a frozen entry.
+- An optional Slow-Fast learning-rate policy (`lr_policy`) scales each weight set's learning rate. Adam's moments of an
   entry whose gradient is always zero stay zero, so its update is exactly zero.
 - An optional L1 term `lambda / N * sum |theta - theta0|` pulls the supported entries towards
   their starting values (`compute_loss`).
@@ -16,6 +17,7 @@ values there (float32): 12 bytes per selected entry, e.g. 0.34 bytes per paramet
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +25,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..modeling import base_parameters
+from .slow_fast import SlowFastPolicy
 
 
 class Support:
@@ -58,15 +61,20 @@ class SparseFineTuningTrainer(Trainer):
         l1_lambda: float = 0.0,
         l1_reference: Mapping[str, torch.Tensor] | None = None,
         l1_count: int | None = None,
+        lr_policy: SlowFastPolicy | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # a fresh policy (phase, loss history) per training run, scaled to the model's depth
+        self.lr_policy = None if lr_policy is None else dataclasses.replace(
+            lr_policy, num_layers=lr_policy.num_layers or self.model.config.num_hidden_layers)
         self.support = support
         self.l1_lambda = l1_lambda
         self.l1_reference = dict(l1_reference or {})
         self.l1_count = l1_count
         params = base_parameters(self.model)
         self._supported = {name: params[name] for name in (support.indices if support else {})}
+        self._names = {id(param): name for name, param in self._supported.items()}
         if self.args.world_size > 1:  # DDP reduces after accumulation: mask the gradient on its way in
             self._hooks = [p.register_hook(self._masked_copy(n)) for n, p in self._supported.items()]
         else:  # one process: mask .grad in place once accumulated, with no second full-size gradient
@@ -106,27 +114,48 @@ class SparseFineTuningTrainer(Trainer):
         self._hooks, self._frozen = [], []
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Split the param groups by Slow-Fast weight set and by "decays inside the support", before
+        the scheduler is built; one step pre-hook then scales learning rates and applies that decay."""
         optimizer = super().create_optimizer(model)
-        supported_ids = {id(p): name for name, p in self._supported.items()}
-        decayed: list[tuple[nn.Parameter, str, float]] = []
+        names = {id(p): n for n, p in base_parameters(self.model).items()}
+        supported = {id(p) for p in self._supported.values()}
+        groups = []
         for group in optimizer.param_groups:
-            if group.get("weight_decay", 0.0) and any(id(p) in supported_ids for p in group["params"]):
-                kept = [p for p in group["params"] if id(p) not in supported_ids]
-                decayed += [(p, supported_ids[id(p)], group["weight_decay"]) for p in group["params"] if id(p) in supported_ids]
-                group["params"] = kept
-        if decayed:
-            optimizer.add_param_group({"params": [p for p, _, _ in decayed], "weight_decay": 0.0})
-            decay_group = optimizer.param_groups[-1]
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._decay_inside_support(decayed, decay_group))
+            buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+            for param in group["params"]:
+                weight_set = self.lr_policy.weight_set(names[id(param)]) if self.lr_policy and id(param) in names else "other"
+                inside = id(param) in supported and group.get("weight_decay", 0.0) > 0
+                buckets.setdefault((weight_set, inside), []).append(param)
+            for (weight_set, inside), params in buckets.items():
+                decay = group.get("weight_decay", 0.0)
+                groups.append({**group, "params": params, "sft_set": weight_set,
+                               "weight_decay": 0.0 if inside else decay, "sft_support_decay": decay if inside else 0.0})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt))
         return optimizer
 
     @torch.no_grad()
-    def _decay_inside_support(self, decayed, group) -> None:
-        """Decoupled weight decay (`theta -= lr * wd * theta`) on supported entries only."""
-        for param, name, weight_decay in decayed:
-            indices = self.support.indices[name]
-            flat = param.data.view(-1)
-            flat.index_copy_(0, indices, flat.index_select(0, indices) * (1 - group["lr"] * weight_decay))
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Scale each group's scheduled learning rate (the scheduler resets it after the step), then
+        apply decoupled weight decay (`theta -= lr * wd * theta`) to supported entries only."""
+        multipliers = self.lr_policy.multipliers() if self.lr_policy else None
+        for group in optimizer.param_groups:
+            if multipliers is not None:
+                group["lr"] = group["lr"] * multipliers[group["sft_set"]]
+            if group["sft_support_decay"]:
+                for param in group["params"]:
+                    indices = self.support.indices[self._names[id(param)]]
+                    flat = param.data.view(-1)
+                    flat.index_copy_(0, indices, flat.index_select(0, indices) * (1 - group["lr"] * group["sft_support_decay"]))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Training logs also show the Slow-Fast phase and multipliers."""
+        if self.lr_policy is not None and "loss" in logs:
+            logs["slow_fast_phase"] = 1 if self.lr_policy.in_first_phase else 2
+            logs.update({f"lr_x_{name}": value for name, value in self.lr_policy.multipliers().items()})
+        super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Cross-entropy summed over the labelled items and divided by their number in the whole
@@ -147,6 +176,8 @@ class SparseFineTuningTrainer(Trainer):
                 logits.flatten(0, -2).float(), labels.flatten().to(logits.device), ignore_index=-100, reduction="sum"
             )
             loss = total / num_items_in_batch * self.accelerator.num_processes  # DDP averages over processes
+        if self.lr_policy is not None and model.training:
+            self.lr_policy.record(float(loss.detach()))
         if self.l1_lambda:
             loss = loss + self.l1_lambda / self.l1_count * self._l1_distance()
         return (loss, rest) if return_outputs else loss

@@ -141,7 +141,7 @@ def train_task_delta(
     torch.manual_seed(options.seed)  # the same head initialisation for the same seed
     result = train_sparse(
         make_model, args, sft, resume=resume, data_collator=collator_for(task, tokenizer),
-        compute_metrics=compute_metrics, **data,
+        compute_metrics=compute_metrics, **data, **options.trainer_kwargs(),
     )
     config = config_for_base(
         load_model(base, task_type, labels, revision),
