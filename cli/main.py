@@ -15,6 +15,8 @@ from sftstore.naming import DeltaRef
 from sftstore.store import StoredVersion
 
 from .common import JSON_OPTION, SftGroup, print_json, human_size, open_store, base_option, console
+from .merge import merge_command
+from .overlap import overlap_command
 from .train import eval_command, train_lang, train_task
 
 
@@ -362,6 +364,8 @@ def demo(workdir, quick) -> None:
 cli.add_command(train_lang)
 cli.add_command(train_task)
 cli.add_command(eval_command)
+cli.add_command(overlap_command)
+cli.add_command(merge_command)
 
 if __name__ == "__main__":
     cli()

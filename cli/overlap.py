@@ -1,0 +1,110 @@
+"""`sft overlap`: how much stored deltas share their supports (Jaccard), signs and values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from sftstore import SftError
+from sftstore.analysis import jaccard_matrix, overlap_matrix
+
+from .common import JSON_OPTION, base_option, console, open_store, print_json
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def plot_heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Path:
+    """Draw the Jaccard matrix as an annotated heatmap into `path` (needs matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise click.UsageError(
+            "--plot needs matplotlib: pip install matplotlib (or the optional extra: pip install 'sftstore[plot]')"
+        ) from None
+    size = max(3.0, 0.8 * len(names) + 2.0)
+    fig = Figure(figsize=(size + 1.0, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), labels=names)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white",
+                    fontsize=8)
+    fig.colorbar(image, ax=ax, label="Jaccard of supports")
+    ax.set_title("support overlap (Jaccard)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+@click.command("overlap")
+@click.argument("refs", nargs=-1, required=True)
+@base_option()
+@click.option("--by", type=click.Choice(["layer", "module"]), default=None,
+              help="Also show Jaccard per layer or per module type (embeddings, attention, ffn, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Save a heatmap of the pairwise Jaccard matrix to this PNG (needs matplotlib).")
+@JSON_OPTION
+def overlap_command(refs, base, by, plot, as_json) -> None:
+    """Compare the supports of two or more stored deltas: Jaccard, sign agreement, value correlation."""
+    try:
+        store = open_store()
+        versions = [store.resolve(ref, base) for ref in refs]
+        names = list(dict.fromkeys(v.ref for v in versions))
+        if len(names) < 2:
+            raise click.UsageError("give at least two different deltas to compare")
+        bases = sorted({v.base for v in versions})
+        if len(bases) > 1:
+            raise click.UsageError(f"the deltas belong to different bases ({', '.join(bases)}); compare one base at a time")
+        deltas = {v.ref: store.load(v) for v in versions}
+    except SftError as exc:
+        raise click.ClickException(str(exc)) from None
+    reports = overlap_matrix({name: deltas[name] for name in names})
+    matrix = jaccard_matrix(names, reports)
+    if plot is not None:
+        plot_heatmap(names, matrix, plot)
+
+    if as_json:
+        print_json({"base": bases[0], "refs": names, "jaccard": matrix,
+                    "pairs": [report.to_dict() for report in reports.values()],
+                    **({"plot": str(plot)} if plot is not None else {})})
+        return
+
+    table = Table(title=f"Jaccard of supports ({bases[0]})")
+    table.add_column("", no_wrap=True)
+    table.add_column("nnz", justify="right", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    for name, row in zip(names, matrix):
+        table.add_row(name, f"{deltas[name].nnz:,}", *(f"{value:.3f}" for value in row))
+    console.print(table)
+
+    pairs = Table(title="pairs (signs and correlation on shared entries)")
+    for column in ("a", "b", "shared", "jaccard", "same sign", "corr"):
+        pairs.add_column(column, justify="left" if column in ("a", "b") else "right", no_wrap=True)
+    for report in reports.values():
+        pairs.add_row(report.a, report.b, f"{report.intersection:,}", f"{report.jaccard:.3f}",
+                      _fmt(report.sign_agreement, ".1%"), _fmt(report.correlation))
+    console.print(pairs)
+
+    if by is not None:
+        groups_of = (lambda r: r.by_layer) if by == "layer" else (lambda r: r.by_module)
+        keys: list[str] = []
+        for report in reports.values():
+            keys.extend(k for k in groups_of(report) if k not in keys)
+        detail = Table(title=f"Jaccard per {by}")
+        detail.add_column(by, no_wrap=True)
+        for a, b in reports:
+            detail.add_column(f"{a} ~ {b}", justify="right")
+        for key in keys:
+            cells = [groups_of(r).get(key) for r in reports.values()]
+            detail.add_row(key, *("-" if g is None else f"{g.jaccard:.3f}" for g in cells))
+        console.print(detail)
+    if plot is not None:
+        click.echo(f"heatmap saved to {plot}")
