@@ -106,7 +106,15 @@ class ComposedModel:
             self._stack.pop()[1].revert()
 
     def swap(self, *, task: SparseDelta | None = None, language: SparseDelta | None = None, force: bool = False) -> None:
-        """Replace the applied task and/or language delta with another one (hot-swap)."""
+        """Replace the applied task and/or language delta with another one (hot-swap).
+
+        Every new delta is checked first: a refused swap leaves the composition as it was.
+        """
+        for new in (task, language):
+            if new is not None:
+                if not force:
+                    check_base(new, self.base_id, self.base_fingerprint)
+                new.check_fits(self.model)
         for new in (task, language):
             if new is None:
                 continue

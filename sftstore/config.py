@@ -14,6 +14,8 @@ from .modeling import TASK_TYPES, BaseFingerprint
 from .naming import KINDS, validate_name
 
 FORMAT_VERSION = 1
+# Manifest fields computed from the tensors when an artifact is written (and checked when read).
+DERIVED_FIELDS = ("format_version", "nnz", "density", "values_dtype", "tensors_sha256")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class DeltaConfig:
     lineage: dict[str, Any] = field(default_factory=dict)
     license: str | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    extra: dict[str, Any] = field(default_factory=dict)  # manifest fields this version does not know: kept
 
     def __post_init__(self) -> None:
         if self.kind == "language" and self.task_type is None:
@@ -94,7 +97,9 @@ class DeltaConfig:
                 raise DeltaFormatError(f"field 'base_model.{name}' must be a non-empty string")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The manifest's descriptive fields, unknown ones (`extra`) included at the top level."""
+        data = dataclasses.asdict(self)
+        return {**data.pop("extra"), **data}
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "sft_config.json") -> "DeltaConfig":
@@ -108,8 +113,9 @@ class DeltaConfig:
             base = data["base_model"]
             if not isinstance(base, dict) or not {"id", "arch_digest", "weights_digest"} <= base.keys():
                 raise DeltaFormatError("field 'base_model' must hold id, arch_digest and weights_digest")
-            known = {f.name for f in dataclasses.fields(cls)}
+            known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
             kwargs = {k: v for k, v in data.items() if k in known}
+            kwargs["extra"] = {k: v for k, v in data.items() if k not in known and k not in DERIVED_FIELDS}
             base_known = {f.name for f in dataclasses.fields(BaseModelInfo)}
             kwargs["base_model"] = BaseModelInfo(**{k: v for k, v in base.items() if k in base_known})
             return cls(**kwargs)

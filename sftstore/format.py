@@ -20,7 +20,7 @@ import torch
 
 from ._io import atomic_write_bytes, atomic_write_text
 from .card import render_model_card
-from .config import FORMAT_VERSION, DeltaConfig
+from .config import DERIVED_FIELDS, FORMAT_VERSION, DeltaConfig
 from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
 from .errors import DeltaFormatError
 
@@ -31,7 +31,6 @@ FORMAT_NAME = "sftstore-delta"
 HEAD_PREFIX = "head::"
 INDICES_SUFFIX = "::indices"
 VALUES_SUFFIX = "::values"
-DERIVED_FIELDS = ("format_version", "nnz", "density", "values_dtype", "tensors_sha256")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 

@@ -14,6 +14,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 LATEST = "latest"
 
 
+def _is_version(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def validate_name(name: object, what: str = "name") -> str:
     """Return `name` if it is safe as a delta name or alias (no path separators, no `..`)."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
@@ -27,7 +31,7 @@ def validate_name(name: object, what: str = "name") -> str:
 def validate_alias(alias: object) -> str:
     """An alias is a name that cannot be confused with a version number or `latest`."""
     validate_name(alias, "alias")
-    if alias.isdigit() or alias == LATEST:
+    if _is_version(alias) or alias == LATEST:
         raise InvalidNameError(f"invalid alias {alias!r}: version numbers and 'latest' are reserved")
     return alias
 
@@ -64,13 +68,13 @@ class DeltaRef:
         validate_name(name)
         if "@" not in text:
             return cls(kind, name)
-        if not selector.isdigit():
+        if not _is_version(selector):
             validate_name(selector, "version or alias")
         return cls(kind, name, selector)
 
     @property
     def version(self) -> int | None:
-        return int(self.selector) if self.selector and self.selector.isdigit() else None
+        return int(self.selector) if self.selector and _is_version(self.selector) else None
 
     def __str__(self) -> str:
         text = f"{kind_prefix(self.kind)}/{self.name}"

@@ -432,9 +432,12 @@ class DeltaStore:
                     removed += 1
             cutoff = time.time() - _TMP_GRACE_SECONDS
             for path in self.tmp_dir.iterdir():
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    stale += 1
+                try:  # a concurrent writer may rename its temp file into blobs/ meanwhile
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        stale += 1
+                except FileNotFoundError:
+                    continue
         if removed:
             fsync_dir(self.blobs_dir)
         return GcReport(removed, freed, stale)

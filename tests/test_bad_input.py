@@ -684,3 +684,9 @@ def test_cli_import_of_bad_directory_prints_one_clean_error(artifact):
     assert str(artifact / TENSORS_FILE) in lines[0] and f"{P}::values" in lines[0]
     assert "Traceback" not in result.output
     assert_store_empty(DeltaStore())
+
+
+@pytest.mark.parametrize("ref", ["lang/hau@²", "lang/hau@٣"])
+def test_versions_are_ascii_digits(ref):
+    with pytest.raises(InvalidNameError):
+        DeltaRef.parse(ref)

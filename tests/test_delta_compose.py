@@ -228,3 +228,18 @@ def test_fingerprint_samples_stay_in_range_for_large_parameters():
         assert positions[0] == 0 and positions[-1] == numel - 1
         assert len(positions) == min(64, numel)
         assert bool((positions[1:] > positions[:-1]).all())
+
+
+def test_a_refused_swap_leaves_the_composition_as_it_was(tiny_base_dir, ner_model, task_delta, lang_delta):
+    from sftstore.modeling import load_model
+
+    composed = compose(tiny_base_dir, [task_delta, lang_delta], device="cpu")
+    before = snapshot(composed.model)
+    five = load_model(tiny_base_dir, "token-classification", ["O", "A", "B", "C", "D"])
+    other_head = synthetic_delta(five, 0.05, 4, kind="task", task="pos", task_type="token-classification",
+                                 labels=["O", "A", "B", "C", "D"])
+    with pytest.raises(BaseModelMismatchError, match="head::classifier.weight"):
+        composed.swap(task=other_head)
+    assert composed.deltas == [task_delta, lang_delta]
+    assert_bit_identical(composed.model, before)
+    assert composed.model.config.id2label == dict(enumerate(NER_LABELS))

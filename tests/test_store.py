@@ -253,3 +253,16 @@ def test_gc_keeps_young_temp_files_of_running_writers(store_home):
 def test_store_root_defaults_to_sftstore_home(store_home):
     assert DeltaStore().root == Path(store_home)
     assert (Path(store_home) / "index.sqlite").is_file()
+
+
+def test_unknown_manifest_fields_survive_import_and_export(tmp_path, base_model):
+    import json
+
+    directory = lang(base_model, 1).save_pretrained(tmp_path / "a")
+    manifest = json.loads((directory / "sft_config.json").read_text())
+    manifest["custom_note"] = {"keep": "me"}
+    (directory / "sft_config.json").write_text(json.dumps(manifest))
+    store = DeltaStore()
+    store.import_directory(directory)
+    exported = store.export("lang/hau", tmp_path / "out")
+    assert json.loads((exported / "sft_config.json").read_text())["custom_note"] == {"keep": "me"}

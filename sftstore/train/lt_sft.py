@@ -116,9 +116,9 @@ class _Run:
     def select(self, tuned: nn.Module, theta0: nn.Module, k: int, keep: Mapping[str, torch.Tensor] | None) -> dict:
         """The support: the K entries that moved most, always including the `keep` entries (earlier rounds)."""
         path = self.root / f"mask-{k}.safetensors"
-        if self.resume and path.is_file():
-            return load_file(str(path))
         current, start = _trainable(tuned), base_parameters(theta0)
+        if self.resume and path.is_file():
+            return {n: m.to(current[n].device) for n, m in load_file(str(path)).items()}
         if keep is None:  # |theta1 - theta0| scored chunk by chunk: no whole score tensor in memory
             masks = lottery_ticket_mask({n: p.detach() for n, p in current.items()},
                                         {n: start[n].detach() for n in current}, k)

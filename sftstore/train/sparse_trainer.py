@@ -177,10 +177,20 @@ class SparseFineTuningTrainer(Trainer):
             )
             loss = total / num_items_in_batch * self.accelerator.num_processes  # DDP averages over processes
         if self.lr_policy is not None and model.training:
-            self.lr_policy.record(float(loss.detach()))
+            self.lr_policy.record(self._global_loss(loss))
         if self.l1_lambda:
-            loss = loss + self.l1_lambda / self.l1_count * self._l1_distance()
+            # added once per micro-batch, while the loss above is not divided by the accumulation steps
+            l1 = self.l1_lambda / self.l1_count * self._l1_distance()
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            loss = loss + (l1 / steps if num_items_in_batch is not None else l1)
         return (loss, rest) if return_outputs else loss
+
+    def _global_loss(self, loss: torch.Tensor) -> float:
+        """The loss every process agrees on (their mean), so Slow-Fast takes the same decisions on all."""
+        value = loss.detach().float() / self.accelerator.num_processes
+        if self.accelerator.num_processes > 1:
+            value = self.accelerator.reduce(value, reduction="sum")
+        return float(value)
 
     def _l1_distance(self) -> torch.Tensor:
         params = base_parameters(self.model)
