@@ -27,8 +27,8 @@ TASK_DEFAULTS = {
 def sparse_options(command):
     """Options every training command shares (method, K, schedule, where runs checkpoint)."""
     options = [
-        click.option("--method", type=click.Choice(["lt-sft", "rand-sft", "bitfit", "full"]), default="lt-sft",
-                     show_default=True),
+        click.option("--method", type=click.Choice(["lt-sft", "rand-sft", "bitfit", "full", "s4"]), default="lt-sft",
+                     show_default=True, help="s4 (train-task only): S4-Tuning of a trained task delta, see --from."),
         click.option("--num-params", help="K as a count (7.6M, 500k). Default: the paper's for this kind of run."),
         click.option("--density", type=float, help="K as a fraction of the base model's parameters, instead of --num-params."),
         click.option("--rounds", type=int, default=1, show_default=True, help="Iterative LT-SFT: rounds of K/n."),
@@ -56,7 +56,8 @@ def sparse_options(command):
 
 
 def build_arguments(defaults: dict, cli_values: dict):
-    """`SparseFineTuningArguments` and `TrainingOptions` from the command line over `defaults`."""
+    """`SparseFineTuningArguments` (None for s4, which has its own) and `TrainingOptions` from the
+    command line over `defaults`."""
     from sftstore.train.lt_sft import SparseFineTuningArguments
     from sftstore.train.options import TrainingOptions
 
@@ -65,7 +66,7 @@ def build_arguments(defaults: dict, cli_values: dict):
         return value if value is not None else defaults.get(name)
 
     num_params = None if cli_values["density"] is not None else pick("num_params")
-    sft = SparseFineTuningArguments(
+    sft = None if cli_values["method"] == "s4" else SparseFineTuningArguments(
         method=cli_values["method"], num_params=num_params, density=cli_values["density"],
         l1_lambda=pick("l1") if cli_values["l1_lambda"] is None else cli_values["l1_lambda"],
         rounds=cli_values["rounds"], seed=cli_values["seed"],
@@ -110,6 +111,9 @@ def train_lang(base, language, texts, held_out, as_json, output_dir, resume, **v
     """Train a language delta by masked language modelling and store it as lang/LANG."""
     from sftstore.train.language import train_language_delta
 
+    if values["method"] == "s4":
+        raise click.UsageError("--method s4 adapts a task delta: use sft train-task")
+
     store = open_store()
     sft, options = build_arguments(LANGUAGE_DEFAULTS, values)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's logs; stdout is for the result
@@ -121,21 +125,39 @@ def train_lang(base, language, texts, held_out, as_json, output_dir, resume, **v
 @click.command("train-task")
 @base_option(required=True)
 @click.option("--task", required=True, type=click.Choice(["ner", "pos", "nli"]))
-@click.option("--train", "train_files", required=True, multiple=True,
+@click.option("--train", "train_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Training data (repeatable).")
-@click.option("--dev", "dev_files", required=True, multiple=True,
+@click.option("--dev", "dev_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Dev data: picks the checkpoint.")
+@click.option("--from", "adapt", help="s4: the source-trained task delta to adapt, e.g. task/ner.")
+@click.option("--langs", help="s4: target languages, comma-separated (hau,swa,yor).")
+@click.option("--train-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="s4: a folder with LANG/train.txt for each target language.")
+@click.option("--shots", type=int, default=16, show_default=True, help="s4: examples per language.")
+@click.option("--mask", "mask_kind", type=click.Choice(["importance", "random"]), default="importance",
+              show_default=True, help="s4: Taylor-importance masks, or the random-mask ablation.")
 @click.option("--source-lang", help="The source language: its delta (lang/CODE in the store) is applied during training. "
               "Several (en,swa): multi-source, with one --train and one --dev per language, in the same order.")
 @click.option("--name", help="Store the delta as task/NAME (default: the task).")
 @sparse_options
 @JSON_OPTION
-def train_task(base, task, train_files, dev_files, source_lang, name, as_json, output_dir, resume, **values) -> None:
-    """Train a task delta on labelled source-language data and store it as task/TASK."""
+def train_task(base, task, train_files, dev_files, source_lang, name, adapt, langs, train_dir, shots, mask_kind, as_json,
+               output_dir, resume, **values) -> None:
+    """Train a task delta on labelled source-language data and store it as task/TASK.
+
+    With --method s4, adapt a trained task delta (--from) to several target languages at once from
+    a few examples each (--langs, --train-dir, --shots).
+    """
     from sftstore.train.task import TaskData, train_task_delta
 
     store = open_store()
     sft, options = build_arguments({"num_params": "14.2M", "l1": 0.0, "max_steps": None, **TASK_DEFAULTS[task]}, values)
+    if values["method"] == "s4":
+        _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, dev_files, name, values["density"],
+                  options, output_dir, as_json)
+        return
+    if not train_files or not dev_files:
+        raise click.UsageError("train-task needs --train and --dev")
     versions = [store.resolve(DeltaRef.parse(code, "language"), base) for code in (source_lang or "").split(",") if code]
     sources = [store.load(version) for version in versions]
     lineage = {"source_languages": [v.name for v in versions],
@@ -153,6 +175,33 @@ def train_task(base, task, train_files, dev_files, source_lang, name, as_json, o
             source_deltas=sources, lineage=lineage, name=name, resume=resume,
         )
     _store_result(store, delta, sft.method, as_json)
+
+
+def _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, dev_files, name, density, options,
+              output_dir, as_json) -> None:
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from sftstore.train.s4 import train_s4
+    from sftstore.train.task import TaskData
+
+    if not (adapt and langs and train_dir and density):
+        raise click.UsageError("--method s4 needs --from TASK_DELTA, --langs, --train-dir and --density")
+    source = store.resolve(DeltaRef.parse(adapt, "task"), base)
+    languages = {lang: TaskData.read(task, [train_dir / lang / "train.txt"]).head(shots) for lang in langs.split(",")}
+    dev = TaskData.read(task, list(dev_files)) if dev_files else None
+    run_dir = _output_dir(output_dir, store, "task", f"{name or task}-s4")
+    with contextlib.redirect_stdout(sys.stderr):
+        delta, masks = train_s4(base, languages, dev, store.load(source), density, options, run_dir,
+                                random_masks=mask_kind == "random", name=name)
+    masks_file = Path(run_dir) / "s4-masks.safetensors"  # per-language masks, for sft overlap and analysis
+    save_file({f"{lang}::{param}": m.contiguous().cpu() for lang, ms in masks.items() for param, m in ms.items()},
+              str(masks_file))
+    delta.config.training["masks"] = {"file": str(masks_file),
+                                      "sha256": hashlib.sha256(masks_file.read_bytes()).hexdigest()}
+    delta.config.lineage["source_ref"] = source.ref
+    _store_result(store, delta, "s4", as_json)
 
 
 @click.command("eval")

@@ -1,0 +1,201 @@
+"""S4-Tuning: importance scores, per-language masks, masked per-language training, the output delta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+import sftstore.train.s4 as s4
+from sftstore.demo import NER_LABELS, synthetic_delta
+from sftstore.modeling import base_parameters, head_parameters, load_model
+from sftstore.train.data import shipped_data
+from sftstore.train.masks import mask_nnz
+from sftstore.train.options import TrainingOptions
+from sftstore.train.task import TaskData, collator_for
+
+DENSITY = 0.05
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    base = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    task_delta = synthetic_delta(base, density=0.08, seed=12, kind="task", task="ner",
+                                 task_type="token-classification", labels=NER_LABELS)
+    languages = {"hau": TaskData.read("ner", [shipped_data("ner/hau/dev.txt")]).head(8),
+                 "en": TaskData.read("ner", [shipped_data("ner/en/dev.txt")]).head(8)}
+    return tokenizer, task_delta, languages
+
+
+def theta0(tiny_bert_dir, task_delta):
+    model = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    task_delta.apply(model)
+    return model
+
+
+def total_params(model) -> int:
+    return sum(p.numel() for p in base_parameters(model).values())
+
+
+def test_importance_is_abs_grad_times_weight(tiny_bert_dir, setup):
+    tokenizer, task_delta, languages = setup
+    model = theta0(tiny_bert_dir, task_delta)
+    dataset = languages["hau"].dataset(tokenizer, NER_LABELS, 32)
+    collator = collator_for("ner", tokenizer)
+    scores = s4.taylor_importance(model, dataset, collator, batch_size=4)
+    assert all(p.grad is None for p in model.parameters())
+    params = base_parameters(model)
+    names = list(params)
+    model.eval()
+    grads = [torch.zeros_like(params[n]) for n in names]
+    for batch in DataLoader(dataset, batch_size=4, collate_fn=collator):  # independently: autograd.grad per batch
+        loss = model(**batch).loss
+        for total, g in zip(grads, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)):
+            if g is not None:
+                total += g
+    for name, grad in zip(names, grads):
+        expected = (grad * params[name].detach()).abs()
+        torch.testing.assert_close(scores[name], expected, rtol=1e-5, atol=1e-9)
+    assert any(bool(s.any()) for s in scores.values())
+
+
+def test_language_masks_take_exactly_k_top_entries(tiny_bert_dir, setup):
+    tokenizer, task_delta, languages = setup
+    model = theta0(tiny_bert_dir, task_delta)
+    collator = collator_for("ner", tokenizer)
+    datasets = {lang: data.dataset(tokenizer, NER_LABELS, 32) for lang, data in languages.items()}
+    k = round(DENSITY * total_params(model))
+    masks = s4.language_masks(model, datasets, collator, DENSITY, batch_size=4)
+    assert set(masks) == {"hau", "en"}
+    for lang, lang_masks in masks.items():
+        assert mask_nnz(lang_masks) == k
+        scores = s4.taylor_importance(model, datasets[lang], collator, 4)
+        selected = min(float(scores[n][m].min()) for n, m in lang_masks.items() if m.any())
+        unselected = max(float(scores[n][~m].max()) for n, m in lang_masks.items() if (~m).any())
+        assert selected >= unselected
+    assert any(not torch.equal(masks["hau"][n], masks["en"][n]) for n in masks["hau"])
+    random_masks = s4.language_masks(model, datasets, collator, DENSITY, random=True, seed=3)
+    assert all(mask_nnz(m) == k for m in random_masks.values())
+    assert any(not torch.equal(random_masks["hau"][n], random_masks["en"][n]) for n in random_masks["hau"])
+
+
+class RecordingTrainer(s4.S4Trainer):
+    """Keeps, per optimizer step, the step's languages, base gradients and weights before/after."""
+
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+        RecordingTrainer.last = self
+
+    def _before_step(self, optimizer):
+        params = base_parameters(self.model)
+        self.records.append({
+            "languages": set(self._step_languages),
+            "grads": {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None},
+            "before": {n: p.detach().clone() for n, p in params.items()},
+        })
+        super()._before_step(optimizer)
+
+    def _after_step(self):
+        super()._after_step()
+        self.records[-1]["after"] = {n: p.detach().clone() for n, p in base_parameters(self.model).items()}
+
+
+def test_s4_training_contract(tmp_path, tiny_bert_dir, setup, monkeypatch):
+    tokenizer, task_delta, languages = setup
+    monkeypatch.setattr(s4, "S4Trainer", RecordingTrainer)
+    opts = TrainingOptions(batch_size=4, max_length=32, max_steps=6, eval_steps=3, learning_rate=1e-2,
+                           weight_decay=0.1, progress=False, use_cpu=True)
+    delta, masks = s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "s4")
+    trainer = RecordingTrainer.last
+    names = list(languages)
+    k = round(DENSITY * total_params(trainer.model))
+    assert all(mask_nnz(m) == k for m in masks.values())
+
+    # every step: gradients and weight changes only inside that step's language mask
+    assert len(trainer.records) == 6
+    seen = set()
+    for record in trainer.records:
+        assert len(record["languages"]) == 1
+        language = names[record["languages"].pop()]
+        seen.add(language)
+        mask = masks[language]
+        for name, grad in record["grads"].items():
+            outside = grad.reshape(-1)[~mask[name].reshape(-1)] if name in mask else grad.reshape(-1)
+            assert not bool(outside.any()), f"{name}: gradient outside {language}'s mask"
+        moved_any = False
+        for name, after in record["after"].items():
+            moved = (after != record["before"][name]).reshape(-1)
+            moved_any |= bool(moved.any())
+            assert not bool(moved[~mask[name].reshape(-1)].any()), f"{name} moved outside {language}'s mask"
+        assert moved_any
+    assert seen == set(names)
+
+    # entries outside the union of the masks are bit-identical to theta0
+    start, trained = base_parameters(theta0(tiny_bert_dir, task_delta)), base_parameters(trainer.model)
+    for name, param in trained.items():
+        union = masks["hau"][name] | masks["en"][name]
+        assert torch.equal(param.detach()[~union], start[name].detach()[~union]), name
+
+    # the output is a task delta relative to the base: applied to a fresh base it gives the trained model
+    fresh = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    delta.apply(fresh)
+    for name, param in base_parameters(fresh).items():
+        torch.testing.assert_close(param, trained[name].detach(), rtol=0, atol=1e-6)
+    tuned_head = head_parameters(trainer.model)
+    for name, param in head_parameters(fresh).items():
+        torch.testing.assert_close(param, tuned_head[name].detach(), rtol=0, atol=0)
+    # it contains the source task delta's support
+    for name, entry in task_delta.params.items():
+        assert name in delta.params
+        assert bool(torch.isin(entry.indices.long(), delta.params[name].indices.long()).all())
+    assert delta.kind == "task" and delta.config.task == "ner" and delta.config.labels == list(NER_LABELS)
+    assert delta.config.method["name"] == "s4" and delta.config.method["languages"] == names
+    assert delta.config.method["random_masks"] is False
+    assert delta.config.lineage["adapted_from"]["created_at"] == task_delta.config.created_at
+
+
+def test_random_masks_ablation_trains(tmp_path, tiny_bert_dir, setup):
+    tokenizer, task_delta, languages = setup
+    opts = TrainingOptions(batch_size=4, max_length=32, max_steps=2, eval_steps=2, learning_rate=1e-3,
+                           progress=False, use_cpu=True)
+    dev = TaskData.read("ner", [shipped_data("ner/en/dev.txt")]).head(4)
+    delta, masks = s4.train_s4(tiny_bert_dir, languages, dev, task_delta, DENSITY, opts, tmp_path / "s4r",
+                               random_masks=True)
+    k = round(DENSITY * delta.num_parameters)
+    assert all(mask_nnz(m) == k for m in masks.values())
+    assert delta.config.method["random_masks"] is True
+    assert "dev_f1" in delta.config.metrics
+
+
+def test_cli_train_task_s4(tmp_path, tiny_bert_dir):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from sftstore.store import DeltaStore
+    from sftstore_cli.main import cli
+
+    model = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    DeltaStore().add(synthetic_delta(model, 0.05, 3, kind="task", task="ner", task_type="token-classification",
+                                     labels=NER_LABELS))
+    train_dir = tmp_path / "fewshot"
+    for lang, source in (("hau", "ner/hau/dev.txt"), ("en", "ner/en/dev.txt")):
+        (train_dir / lang).mkdir(parents=True)
+        shutil.copy(shipped_data(source), train_dir / lang / "train.txt")
+    result = CliRunner().invoke(cli, [
+        "train-task", "--base", str(tiny_bert_dir), "--task", "ner", "--method", "s4", "--from", "task/ner",
+        "--langs", "hau,en", "--train-dir", str(train_dir), "--shots", "8", "--density", "0.05", "--name", "ner-s4",
+        "--max-steps", "4", "--batch-size", "4", "--max-length", "32", "--no-progress", "--cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    stored = DeltaStore().load("task/ner-s4")
+    assert stored.config.method["name"] == "s4" and stored.config.lineage["source_ref"] == "task/ner@1"
+    masks_file = stored.config.training["masks"]["file"]
+    from safetensors import safe_open
+
+    with safe_open(masks_file, framework="pt") as handle:
+        assert {key.split("::")[0] for key in handle.keys()} == {"hau", "en"}
