@@ -134,8 +134,10 @@ def train_lang(base, language, texts, held_out, as_json, output_dir, resume, **v
 @click.option("--train-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="s4: a folder with LANG/train.txt for each target language.")
 @click.option("--shots", type=int, default=16, show_default=True, help="s4: examples per language.")
-@click.option("--mask", "mask_kind", type=click.Choice(["importance", "random"]), default="importance",
-              show_default=True, help="s4: Taylor-importance masks, or the random-mask ablation.")
+@click.option("--mask", "mask_kind", type=click.Choice(["importance", "random", "fc", "fc-pooler"]),
+              default="importance", show_default=True,
+              help="s4: Taylor-importance masks; the random-mask ablation; or the baselines that train the "
+                   "classifier only (fc) or the classifier and the pooler (fc-pooler).")
 @click.option("--source-lang", help="The source language: its delta (lang/CODE in the store) is applied during training. "
               "Several (en,swa): multi-source, with one --train and one --dev per language, in the same order.")
 @click.option("--name", help="Store the delta as task/NAME (default: the task).")
@@ -194,7 +196,8 @@ def _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, dev_
     run_dir = _output_dir(output_dir, store, "task", f"{name or task}-s4")
     with contextlib.redirect_stdout(sys.stderr):
         delta, masks = train_s4(base, languages, dev, store.load(source), density, options, run_dir,
-                                random_masks=mask_kind == "random", name=name)
+                                random_masks=mask_kind == "random", name=name,
+                                baseline=mask_kind if mask_kind.startswith("fc") else None)
     masks_file = Path(run_dir) / "s4-masks.safetensors"  # per-language masks, for sft overlap and analysis
     save_file({f"{lang}::{param}": m.contiguous().cpu() for lang, ms in masks.items() for param, m in ms.items()},
               str(masks_file))

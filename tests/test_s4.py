@@ -172,6 +172,21 @@ def test_random_masks_ablation_trains(tmp_path, tiny_bert_dir, setup):
     assert "dev_f1" in delta.config.metrics
 
 
+def test_fc_baseline_trains_the_classifier_only(tmp_path, tiny_bert_dir, setup):
+    tokenizer, task_delta, languages = setup
+    opts = TrainingOptions(batch_size=4, max_length=32, max_steps=3, eval_steps=3, learning_rate=1e-2,
+                           progress=False, use_cpu=True)
+    delta, masks = s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "fc",
+                               baseline="fc")
+    assert all(mask_nnz(m) == 0 for m in masks.values())
+    assert delta.config.method["baseline"] == "fc"
+    assert delta.params.keys() == task_delta.params.keys()  # the base weights did not move:
+    for name, entry in task_delta.params.items():  # the delta is the source delta (up to rounding)
+        assert torch.equal(delta.params[name].indices.long(), entry.indices.long())
+        torch.testing.assert_close(delta.params[name].values, entry.values, rtol=0, atol=1e-6)
+    assert any(not torch.equal(delta.head[n], t) for n, t in task_delta.head.items())  # the classifier trained
+
+
 def test_cli_train_task_s4(tmp_path, tiny_bert_dir):
     import shutil
 

@@ -266,6 +266,7 @@ def train_s4(
     output_dir: str | os.PathLike,
     *,
     random_masks: bool = False,
+    baseline: str | None = None,
     tokenizer=None,
     revision: str | None = None,
     name: str | None = None,
@@ -278,7 +279,9 @@ def train_s4(
     `base`: a Hub id / local directory (the tokenizer then comes from it), or a zero-argument
     callable returning a fresh base model with the task's head (then give `tokenizer`). `dev`: a
     dev set scored every `options.eval_steps` to keep the best checkpoint (None: keep the last).
-    The mask seed (`random_masks`) is `options.seed`.
+    The mask seed (`random_masks`) is `options.seed`. `baseline` replaces the masks by the paper's
+    baselines: "fc" trains the classifier head only, "fc-pooler" also the pooler (a sequence-
+    classification head's; token-classification models have none).
     """
     started = time.time()
     if not languages:
@@ -312,8 +315,15 @@ def train_s4(
     names = list(languages)
     collator = collator_for(task, tokenizer)
     train_sets = [languages[lang].dataset(tokenizer, labels, options.max_length) for lang in names]
-    masks = language_masks(model, dict(zip(names, train_sets)), collator, density, random=random_masks,
-                           seed=options.seed, batch_size=options.batch_size)
+    if baseline is None:
+        masks = language_masks(model, dict(zip(names, train_sets)), collator, density, random=random_masks,
+                               seed=options.seed, batch_size=options.batch_size)
+    elif baseline in ("fc", "fc-pooler"):
+        pooled = baseline == "fc-pooler"
+        masks = {lang: {n: torch.full(p.shape, pooled and n.startswith("pooler."), dtype=torch.bool, device=p.device)
+                        for n, p in base_parameters(model).items()} for lang in names}
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}: expected 'fc' or 'fc-pooler'")
     union = masks_union(*masks.values())
     union_support = Support(model, union)
     supports = [Support(model, masks[lang]) for lang in names]
@@ -346,7 +356,7 @@ def train_s4(
         base_model, tuned, masks=output_masks, base_id=base_id,
         base_revision=revision or task_delta.config.base_model.revision,
         kind="task", task=name or task_delta.config.task or task, task_type=task_type, labels=labels,
-        method={"name": "s4", "density": density, "languages": names, "random_masks": random_masks,
+        method={"name": "s4", "density": density, "languages": names, "random_masks": random_masks, "baseline": baseline,
                 "exact_updates": exact_updates, "seed": options.seed},
         training={
             "data": {"train": {lang: describe_files(languages[lang].files) for lang in names},
