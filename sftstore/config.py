@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from .errors import DeltaFormatError, InvalidNameError
@@ -121,14 +119,3 @@ class DeltaConfig:
             return cls(**kwargs)
         except (DeltaFormatError, TypeError) as exc:
             raise DeltaFormatError(f"{source}: {exc}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
-
-    @classmethod
-    def from_json_file(cls, path: Path) -> "DeltaConfig":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DeltaFormatError(f"{path}: not a readable JSON manifest ({exc})") from None
-        return cls.from_dict(data, str(path))

@@ -265,11 +265,6 @@ class SparseDelta:
         dtypes = {entry.values.dtype for entry in self.params.values()}
         return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
-    @property
-    def device(self) -> torch.device:
-        entry = next(iter(self.params.values()), None)
-        return entry.values.device if entry is not None else torch.device("cpu")
-
     def summary(self) -> list[ParameterSummary]:
         """One row per touched parameter: shape, size, non-zeros."""
         return [ParameterSummary(n, e.shape, e.numel, e.nnz) for n, e in sorted(self.params.items())]

@@ -441,7 +441,3 @@ class DeltaStore:
         if removed:
             fsync_dir(self.blobs_dir)
         return GcReport(removed, freed, stale)
-
-    def disk_usage(self) -> int:
-        return sum(p.stat().st_size for p in self.blobs_dir.iterdir())
-

@@ -184,7 +184,7 @@ def _load_supported(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Non
 
 
 @torch.no_grad()
-def _sparse_difference(tuned: nn.Module, theta0: nn.Module | None, support: Support | None) -> dict[str, ParameterDelta]:
+def sparse_difference(tuned: nn.Module, theta0: nn.Module | None, support: Support | None) -> dict[str, ParameterDelta]:
     """theta - theta0 on the support (or, for dense runs, wherever the weights changed)."""
     params = base_parameters(tuned)
     result = {}
@@ -224,7 +224,7 @@ def train_sparse(
     run = _Run(make_model, args, sft, trainer_kwargs, resume, trainer_class)
     model, support = run.run()
     theta0 = make_model() if support is None else None
-    params = _sparse_difference(model, theta0, support)
+    params = sparse_difference(model, theta0, support)
     head = {n: p.detach().cpu().clone() for n, p in head_parameters(model).items()} if keep_head else {}
     run.log["nnz"] = sum(p.nnz for p in params.values())
     if args.process_index == 0:

@@ -47,7 +47,7 @@ from ..modeling import base_parameters, fingerprint, load_model
 from ..settings import base_key
 from .data import describe_files
 from .evaluate import TASK_METRICS, sequence_metrics, token_metrics
-from .lt_sft import _sparse_difference
+from .lt_sft import sparse_difference
 from .masks import jaccard, mask_nnz, masks_union, parse_budget, random_mask, top_k_mask
 from .multi_source import LanguageTaggedDataset, MultiSourceTrainer
 from .options import TrainingOptions
@@ -343,7 +343,7 @@ def train_s4(
     result = trainer.train()
     trainer.remove_hooks()
     tuned = trainer.model
-    update = _sparse_difference(tuned, None, union_support)
+    update = sparse_difference(tuned, None, union_support)
 
     # the new task delta: theta_final - base over (task delta's support) | (masks' union)
     base_model = factory()
