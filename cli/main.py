@@ -72,10 +72,13 @@ def show(ref, base, as_json) -> None:
     store = open_store()
     version = store.resolve(ref, base)
     manifest = store.manifest(version)
-    layers = store.load(version).layer_summary()
+    delta = store.load(version)
+    layers = delta.layer_summary()
+    subnetworks = {language: delta.subnetworks.nnz(language) for language in delta.subnetworks or []}
     if as_json:
         print_json({**version.to_dict(), "manifest": manifest, "remotes": store.remotes(version),
-                     "layers": [{"layer": r.name, "numel": r.numel, "nnz": r.nnz, "density": r.density} for r in layers]})
+                    "layers": [{"layer": r.name, "numel": r.numel, "nnz": r.nnz, "density": r.density} for r in layers],
+                    "subnetworks": subnetworks})
         return
     console.print(_versions_table([version], title=f"{version.ref} ({version.base})"))
     details = Table(show_header=False)
@@ -85,6 +88,8 @@ def show(ref, base, as_json) -> None:
             details.add_row(key, json.dumps(manifest[key]) if isinstance(manifest[key], (dict, list)) else str(manifest[key]))
     details.add_row("base_model", json.dumps(manifest["base_model"]))
     details.add_row("source", json.dumps(version.source))
+    if subnetworks:
+        details.add_row("sub-network masks", ", ".join(f"{lang} ({nnz:,} entries)" for lang, nnz in subnetworks.items()))
     for remote in store.remotes(version):
         details.add_row("pushed to", f"{remote['repo_id']} {remote['tag']} ({remote['commit'][:12]})")
     console.print(details)

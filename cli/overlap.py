@@ -1,4 +1,5 @@
-"""`sft overlap`: how much stored deltas share their supports (Jaccard), signs and values."""
+"""`sft overlap`: how much stored deltas (or their per-language masks) share their supports (Jaccard),
+signs and values."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from sftstore import SftError
-from sftstore.analysis import jaccard_matrix, overlap_matrix
+from sftstore import SftError, SparseDelta
+from sftstore.analysis import SupportView, jaccard_matrix, overlap_matrix
 
 from .common import JSON_OPTION, base_option, console, open_store, print_json
 
@@ -50,22 +51,33 @@ def plot_heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Pat
               help="Also show Jaccard per layer or per module type (embeddings, attention, ffn, ...).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save a heatmap of the pairwise Jaccard matrix to this PNG (needs matplotlib).")
+@click.option("--masks", "use_masks", is_flag=True,
+              help="Compare the per-language sub-network masks stored with each delta (S4-Tuning's), named "
+                   "REF#LANG, instead of its support; a delta without masks is compared by its support.")
 @JSON_OPTION
-def overlap_command(refs, base, by, plot, as_json) -> None:
+def overlap_command(refs, base, by, plot, use_masks, as_json) -> None:
     """Compare the supports of two or more stored deltas: Jaccard, sign agreement, value correlation."""
     try:
         store = open_store()
-        versions = [store.resolve(ref, base) for ref in refs]
-        names = list(dict.fromkeys(v.ref for v in versions))
-        if len(names) < 2:
-            raise click.UsageError("give at least two different deltas to compare")
+        versions = list({v.ref: v for v in (store.resolve(ref, base) for ref in refs)}.values())
         bases = sorted({v.base for v in versions})
         if len(bases) > 1:
             raise click.UsageError(f"the deltas belong to different bases ({', '.join(bases)}); compare one base at a time")
-        deltas = {v.ref: store.load(v) for v in versions}
+        items: dict[str, SparseDelta | SupportView] = {}
+        for version in versions:
+            delta = store.load(version)
+            if use_masks and delta.subnetworks:
+                for language in delta.subnetworks:
+                    name = f"{version.ref}#{language}"
+                    items[name] = SupportView.from_masks(delta.subnetworks[language], name)
+            else:
+                items[version.ref] = delta
+        if len(items) < 2:
+            raise click.UsageError("give at least two different deltas (or one with several masks and --masks) to compare")
     except SftError as exc:
         raise click.ClickException(str(exc)) from None
-    reports = overlap_matrix({name: deltas[name] for name in names})
+    names = list(items)
+    reports = overlap_matrix(items)
     matrix = jaccard_matrix(names, reports)
     if plot is not None:
         plot_heatmap(names, matrix, plot)
@@ -82,7 +94,7 @@ def overlap_command(refs, base, by, plot, as_json) -> None:
     for name in names:
         table.add_column(name, justify="right", no_wrap=True)
     for name, row in zip(names, matrix):
-        table.add_row(name, f"{deltas[name].nnz:,}", *(f"{value:.3f}" for value in row))
+        table.add_row(name, f"{items[name].nnz:,}", *(f"{value:.3f}" for value in row))
     console.print(table)
 
     pairs = Table(title="pairs (signs and correlation on shared entries)")

@@ -47,6 +47,8 @@ def render_model_card(manifest: dict[str, Any]) -> str:
     ]
     if manifest.get("labels"):
         lines.append(f"| labels | {', '.join(manifest['labels'])} |")
+    if manifest.get("masks_sha256"):
+        lines.append("| sub-network masks | `sft_masks.safetensors` (per-language masks, for analysis: `sft overlap --masks`) |")
     for section in ("metrics", "lineage"):
         for key, value in (manifest.get(section) or {}).items():
             lines.append(f"| {section}: {key} | {value} |")

@@ -14,6 +14,7 @@ from .naming import KINDS, validate_name
 FORMAT_VERSION = 1
 # Manifest fields computed from the tensors when an artifact is written (and checked when read).
 DERIVED_FIELDS = ("format_version", "nnz", "density", "values_dtype", "tensors_sha256")
+OPTIONAL_DERIVED_FIELDS = ("masks_sha256",)  # present when the artifact has sft_masks.safetensors
 
 
 @dataclass
@@ -113,7 +114,7 @@ class DeltaConfig:
                 raise DeltaFormatError("field 'base_model' must hold id, arch_digest and weights_digest")
             known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
             kwargs = {k: v for k, v in data.items() if k in known}
-            kwargs["extra"] = {k: v for k, v in data.items() if k not in known and k not in DERIVED_FIELDS}
+            kwargs["extra"] = {k: v for k, v in data.items() if k not in known and k not in DERIVED_FIELDS + OPTIONAL_DERIVED_FIELDS}
             base_known = {f.name for f in dataclasses.fields(BaseModelInfo)}
             kwargs["base_model"] = BaseModelInfo(**{k: v for k, v in base.items() if k in base_known})
             return cls(**kwargs)

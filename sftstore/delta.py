@@ -17,6 +17,7 @@ from .config import BaseModelInfo, DeltaConfig
 from .errors import BaseModelMismatchError, DeltaFormatError
 from .modeling import base_parameters, fingerprint, head_parameters
 from .settings import base_key
+from .subnetworks import SubnetworkMasks
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,7 +156,9 @@ class SparseDelta:
 
     `params` maps base-model parameter names (as in `model.base_model.named_parameters()`) to
     `ParameterDelta`s; `head` maps full parameter names of a task model (`classifier.weight`) to
-    dense tensors. Build one with `from_models` or `from_tensors`, read one with `from_pretrained`.
+    dense tensors. `subnetworks` (optional) holds per-language masks saved with the delta for
+    analysis (S4-Tuning's); applying the delta never reads them. Build one with `from_models` or
+    `from_tensors`, read one with `from_pretrained`.
     """
 
     def __init__(
@@ -163,10 +166,12 @@ class SparseDelta:
         params: Mapping[str, ParameterDelta],
         config: DeltaConfig,
         head: Mapping[str, torch.Tensor] | None = None,
+        subnetworks: SubnetworkMasks | None = None,
     ) -> None:
         self.params = dict(params)
         self.head = dict(head or {})
         self.config = config
+        self.subnetworks = subnetworks
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -288,7 +293,7 @@ class SparseDelta:
         """A copy whose tensors live on `device` (apply then does no host-to-device copies)."""
         params = {name: entry.to(device) for name, entry in self.params.items()}
         head = {name: t.to(device) for name, t in self.head.items()}
-        return SparseDelta(params, self.config, head)
+        return SparseDelta(params, self.config, head, self.subnetworks)
 
     # ---- applying -----------------------------------------------------------------------------
 
@@ -362,7 +367,8 @@ class SparseDelta:
     # ---- files --------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the artifact (`sft_delta.safetensors`, `sft_config.json`, `README.md`) to `directory`."""
+        """Write the artifact (`sft_delta.safetensors`, `sft_config.json`, `README.md`, and
+        `sft_masks.safetensors` when the delta has `subnetworks`) to `directory`."""
         from .format import save_delta
 
         return save_delta(self, directory)

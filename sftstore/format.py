@@ -1,4 +1,5 @@
-"""The artifact, format version 1: `sft_delta.safetensors` (COO tensors), `sft_config.json`, `README.md`.
+"""The artifact, format version 1: `sft_delta.safetensors` (COO tensors), `sft_config.json`, `README.md`,
+and optionally `sft_masks.safetensors` (per-language sub-network masks, bit-packed).
 
 Writing is atomic per file; reading validates everything (keys, dtypes, lengths, order, range,
 finiteness, shapes metadata, the manifest's derived fields and sha256) before returning a delta.
@@ -18,16 +19,19 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ._io import atomic_write_bytes, atomic_write_text
+from ._io import atomic_write_bytes
 from .card import render_model_card
 from .config import DERIVED_FIELDS, FORMAT_VERSION, DeltaConfig
 from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
 from .errors import DeltaFormatError
+from .subnetworks import SubnetworkMasks
 
 TENSORS_FILE = "sft_delta.safetensors"
 CONFIG_FILE = "sft_config.json"
 CARD_FILE = "README.md"
+MASKS_FILE = "sft_masks.safetensors"
 FORMAT_NAME = "sftstore-delta"
+MASKS_FORMAT_NAME = "sftstore-masks"
 HEAD_PREFIX = "head::"
 INDICES_SUFFIX = "::indices"
 VALUES_SUFFIX = "::values"
@@ -47,6 +51,15 @@ def serialize_tensors(delta: SparseDelta) -> bytes:
     return _canonical_header(safetensors.torch.save(tensors, metadata=metadata))
 
 
+def serialize_masks(masks: SubnetworkMasks) -> bytes:
+    """The safetensors bytes of sub-network masks: `LANG::PARAM` (bit-packed uint8) and their shapes."""
+    shapes = {name: list(shape) for name, shape in sorted(masks.shapes.items())}
+    metadata = {"format": MASKS_FORMAT_NAME, "format_version": str(FORMAT_VERSION), "shapes": json.dumps(shapes),
+                "languages": json.dumps(list(masks))}
+    tensors = {key: bits.contiguous() for key, bits in sorted(masks.to_tensors().items())}
+    return _canonical_header(safetensors.torch.save(tensors, metadata=metadata))
+
+
 def _canonical_header(data: bytes) -> bytes:
     """Sort the header's metadata keys, so equal deltas serialise to equal bytes (and sha256).
 
@@ -62,26 +75,41 @@ def _canonical_header(data: bytes) -> bytes:
     return data[:8] + canonical.ljust(header_len, b" ") + data[8 + header_len :]
 
 
-def manifest_for(delta: SparseDelta, tensors_sha256: str) -> dict[str, Any]:
-    """The manifest: the config's fields plus those derived from the tensors."""
+def manifest_for(delta: SparseDelta, tensors_sha256: str, masks_sha256: str | None = None) -> dict[str, Any]:
+    """The manifest: the config's fields plus those derived from the tensors (and the masks file)."""
     derived = {
         "nnz": delta.nnz,
         "density": delta.density,
         "values_dtype": _DTYPE_NAMES[delta.values_dtype],
         "tensors_sha256": tensors_sha256,
     }
+    if masks_sha256 is not None:
+        derived["masks_sha256"] = masks_sha256
     return {"format_version": FORMAT_VERSION, **delta.config.to_dict(), **derived}
 
 
+def artifact_files(delta: SparseDelta) -> dict[str, bytes]:
+    """The artifact's files by name, in writing order: the manifest (which binds the others by sha256)
+    comes after the tensors and masks, the model card last."""
+    files = {TENSORS_FILE: serialize_tensors(delta)}
+    if delta.subnetworks:
+        files[MASKS_FILE] = serialize_masks(delta.subnetworks)
+    manifest = manifest_for(delta, hashlib.sha256(files[TENSORS_FILE]).hexdigest(),
+                            hashlib.sha256(files[MASKS_FILE]).hexdigest() if MASKS_FILE in files else None)
+    files[CONFIG_FILE] = (json.dumps(manifest, indent=2) + "\n").encode()
+    files[CARD_FILE] = render_model_card(manifest).encode()
+    return files
+
+
 def save_delta(delta: SparseDelta, directory: str | os.PathLike) -> Path:
-    """Write the three artifact files into `directory` (created if needed), each atomically."""
+    """Write the artifact files into `directory` (created if needed), each atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data = serialize_tensors(delta)
-    manifest = manifest_for(delta, hashlib.sha256(data).hexdigest())
-    atomic_write_bytes(directory / TENSORS_FILE, data)
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(manifest, indent=2) + "\n")
-    atomic_write_text(directory / CARD_FILE, render_model_card(manifest))
+    files = artifact_files(delta)
+    if MASKS_FILE not in files:
+        (directory / MASKS_FILE).unlink(missing_ok=True)  # a stale one would not match the new manifest
+    for name, data in files.items():
+        atomic_write_bytes(directory / name, data)
     return directory
 
 
@@ -93,7 +121,9 @@ def load_delta(directory: str | os.PathLike, device: torch.device | str = "cpu")
     for name in (TENSORS_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise DeltaFormatError(f"{directory}: missing {name}")
-    return read_delta(directory / TENSORS_FILE, directory / CONFIG_FILE, device=device)
+    masks = directory / MASKS_FILE
+    return read_delta(directory / TENSORS_FILE, directory / CONFIG_FILE, device=device,
+                      masks_path=masks if masks.is_file() else None)
 
 
 def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
@@ -107,7 +137,9 @@ def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
     if missing:
         raise DeltaFormatError(f"{config_path}: missing required field(s): {', '.join(missing)}")
     for name, expected in (("format_version", int), ("nnz", int), ("density", (int, float)), ("values_dtype", str),
-                           ("tensors_sha256", str)):
+                           ("tensors_sha256", str), ("masks_sha256", str)):
+        if name not in raw and name == "masks_sha256":  # the one optional derived field
+            continue
         if isinstance(raw[name], bool) or not isinstance(raw[name], expected):
             raise DeltaFormatError(f"{config_path}: field '{name}' is {raw[name]!r}; expected a {getattr(expected, '__name__', 'number')}")
     if raw["format_version"] != FORMAT_VERSION:
@@ -117,23 +149,41 @@ def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
     return raw, config
 
 
-def read_delta(tensors_path: Path, config_path: Path, device: torch.device | str = "cpu") -> SparseDelta:
-    """Read a tensors file and its manifest (possibly store blobs with other names) into a validated delta."""
-    raw, config = read_manifest(config_path)
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = Path(tensors_path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
-        raise DeltaFormatError(f"{tensors_path}: cannot read ({exc})") from None
+        raise DeltaFormatError(f"{path}: cannot read ({exc})") from None
+
+
+def _check_sha256(digest: str, raw: dict[str, Any], field: str, path: Path, config_path: Path) -> None:
+    if digest != raw[field]:
+        raise DeltaFormatError(f"{path}: sha256 {digest} does not match the manifest's {field} {raw[field]} ({config_path})")
+
+
+def read_delta(
+    tensors_path: Path, config_path: Path, device: torch.device | str = "cpu", masks_path: Path | None = None
+) -> SparseDelta:
+    """Read a tensors file, its manifest and its masks file if any (possibly store blobs with other
+    names) into a validated delta."""
+    raw, config = read_manifest(config_path)
+    if ("masks_sha256" in raw) != (masks_path is not None):
+        raise DeltaFormatError(
+            f"{config_path}: the manifest names a masks file (masks_sha256) but there is no {MASKS_FILE}"
+            if masks_path is None else f"{masks_path}: the manifest {config_path} has no masks_sha256 to verify it by"
+        )
+    data = _read_bytes(tensors_path)
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())  # overlaps with parsing
         params, head = _parse_tensors(data, tensors_path)
-        if digest.result() != raw["tensors_sha256"]:
-            raise DeltaFormatError(
-                f"{tensors_path}: sha256 {digest.result()} does not match the manifest's tensors_sha256 "
-                f"{raw['tensors_sha256']} ({config_path})"
-            )
+        _check_sha256(digest.result(), raw, "tensors_sha256", tensors_path, config_path)
     validate_tensors(params, head, str(tensors_path))
-    delta = SparseDelta(params, config, head)
+    subnetworks = None
+    if masks_path is not None:
+        masks_data = _read_bytes(masks_path)
+        _check_sha256(hashlib.sha256(masks_data).hexdigest(), raw, "masks_sha256", masks_path, config_path)
+        subnetworks = _parse_masks(masks_data, masks_path)
+    delta = SparseDelta(params, config, head, subnetworks)
     _check_head(delta, tensors_path)
     if not math.isclose(raw["density"], delta.density, rel_tol=1e-9):
         raise DeltaFormatError(f"{config_path}: field 'density' is {raw['density']} but the tensors give {delta.density}")
@@ -159,15 +209,15 @@ def _check_head(delta: SparseDelta, tensors_path: Path) -> None:
         )
 
 
-def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
+def _read_metadata(data: bytes, path: Path, format_name: str = FORMAT_NAME) -> dict[str, str]:
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + header_len])
         metadata = header.get("__metadata__") or {}
     except (struct.error, ValueError, AttributeError) as exc:
         raise DeltaFormatError(f"{path}: not a safetensors file ({exc})") from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise DeltaFormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}; expected {FORMAT_NAME!r}")
+    if metadata.get("format") != format_name:
+        raise DeltaFormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}; expected {format_name!r}")
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise DeltaFormatError(
             f"{path}: metadata 'format_version' is {metadata.get('format_version')!r}; expected '{FORMAT_VERSION}'"
@@ -175,18 +225,37 @@ def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
     return metadata
 
 
-def _parse_tensors(data: bytes, path: Path) -> tuple[dict[str, ParameterDelta], dict[str, torch.Tensor]]:
+def _load_safetensors(
+    data: bytes, path: Path, format_name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """The tensors, the metadata 'shapes' object and the metadata of a safetensors file of `format_name`."""
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own error types (and others on garbage)
         raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
-    metadata = _read_metadata(data, path)
+    metadata = _read_metadata(data, path, format_name)
     try:
         shapes = json.loads(metadata.get("shapes", ""))
         if not isinstance(shapes, dict):
             raise ValueError("not an object")
     except ValueError as exc:
         raise DeltaFormatError(f"{path}: metadata 'shapes' is not a JSON object of parameter shapes ({exc})") from None
+    return tensors, shapes, metadata
+
+
+def _parse_masks(data: bytes, path: Path) -> SubnetworkMasks:
+    tensors, shapes, metadata = _load_safetensors(data, path, MASKS_FORMAT_NAME)
+    try:
+        languages = json.loads(metadata.get("languages", ""))
+        if not isinstance(languages, list) or not all(isinstance(lang, str) for lang in languages):
+            raise ValueError("not a list of strings")
+    except ValueError as exc:
+        raise DeltaFormatError(f"{path}: metadata 'languages' is not a JSON list of mask names ({exc})") from None
+    return SubnetworkMasks.from_tensors(tensors, shapes, languages, str(path))
+
+
+def _parse_tensors(data: bytes, path: Path) -> tuple[dict[str, ParameterDelta], dict[str, torch.Tensor]]:
+    tensors, shapes, _ = _load_safetensors(data, path, FORMAT_NAME)
 
     head, indices, values = {}, {}, {}
     for key, tensor in tensors.items():

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 
 from .delta import SparseDelta
 from .errors import BaseModelMismatchError, RefNotFoundError, SftError
-from .format import CARD_FILE, CONFIG_FILE, TENSORS_FILE, load_delta
+from .format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, load_delta
 from .interop import COMPOSABLE_SFT_FILE, from_composable_sft
 from .modeling import load_model
 from .naming import DeltaRef
@@ -35,7 +35,8 @@ from .registry import Registry, RegistryEntry, load_registry
 from .settings import base_key
 from .store import DeltaStore, StoredVersion
 
-ARTIFACT_FILES = (TENSORS_FILE, CONFIG_FILE, CARD_FILE)
+ARTIFACT_FILES = (TENSORS_FILE, CONFIG_FILE, CARD_FILE, MASKS_FILE)
+OPTIONAL_FILES = (MASKS_FILE,)  # removed from the repository by a push of a version that has none
 
 
 class HubError(SftError):
@@ -88,6 +89,10 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
 
 def _upload(api: HfApi, repo_id: str, files: dict[str, Path], message: str, description: str, tag: str | None) -> str:
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
+    stale = [name for name in OPTIONAL_FILES if name not in files]
+    if stale:
+        present = set(api.list_repo_files(repo_id))
+        operations += [CommitOperationDelete(path_in_repo=name) for name in stale if name in present]
     info = api.create_commit(repo_id, operations, commit_message=message, commit_description=description)
     if tag is not None:
         api.create_tag(repo_id, tag=tag, revision=info.oid, tag_message=message)
@@ -232,7 +237,8 @@ def push_delta(delta: SparseDelta, repo_id: str, *, private: bool = False, token
         manifest = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
         message, description = _commit_message(manifest)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = _upload(api, repo_id, {name: directory / name for name in ARTIFACT_FILES}, message, description, tag)
+        files = {name: directory / name for name in ARTIFACT_FILES if (directory / name).is_file()}
+        commit = _upload(api, repo_id, files, message, description, tag)
     return PushResult(repo_id, commit, tag or "", created=True)
 
 

@@ -2,7 +2,7 @@
 
 Layout under the root (`$SFTSTORE_HOME`, default `~/.cache/sftstore`):
 
-    blobs/<sha256>     artifact files (tensors, manifest, model card), written once, never changed
+    blobs/<sha256>     artifact files (tensors, manifest, model card, masks), written once, never changed
     tmp/               files being written; renamed into blobs/ when complete and durable
     index.sqlite       deltas (base, kind, name), versions, aliases, provenance (WAL mode)
 
@@ -29,10 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_bytes, fsync_dir
-from .card import render_model_card
 from .delta import SparseDelta
 from .errors import RefNotFoundError, StoreError
-from .format import CARD_FILE, CONFIG_FILE, TENSORS_FILE, load_delta, manifest_for, read_delta, read_manifest, serialize_tensors
+from .format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, artifact_files, load_delta, read_delta, read_manifest
 from .naming import LATEST, DeltaRef, kind_prefix, validate_alias
 from .settings import store_home
 
@@ -57,6 +56,7 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at TEXT NOT NULL,
     added_at TEXT NOT NULL,
     source TEXT NOT NULL,
+    masks_sha256 TEXT,
     PRIMARY KEY (delta_id, version)
 );
 CREATE TABLE IF NOT EXISTS remotes (
@@ -101,6 +101,7 @@ class StoredVersion:
     tensors_sha256: str
     config_sha256: str
     card_sha256: str
+    masks_sha256: str | None
     nnz: int
     density: float
     size: int
@@ -115,7 +116,10 @@ class StoredVersion:
     @property
     def blobs(self) -> dict[str, str]:
         """Artifact file name -> blob sha256."""
-        return {TENSORS_FILE: self.tensors_sha256, CONFIG_FILE: self.config_sha256, CARD_FILE: self.card_sha256}
+        blobs = {TENSORS_FILE: self.tensors_sha256, CONFIG_FILE: self.config_sha256, CARD_FILE: self.card_sha256}
+        if self.masks_sha256 is not None:
+            blobs[MASKS_FILE] = self.masks_sha256
+        return blobs
 
     def to_dict(self) -> dict[str, Any]:
         return {"ref": self.ref, **asdict(self)}
@@ -159,6 +163,16 @@ class DeltaStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an index written by an earlier sftstore up to this schema (adds `versions.masks_sha256`)."""
+        with self._connect() as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(versions)")}
+        if "masks_sha256" not in columns:
+            with self._write() as db:  # re-checked under the write lock: another process may have done it
+                if "masks_sha256" not in {row[1] for row in db.execute("PRAGMA table_info(versions)")}:
+                    db.execute("ALTER TABLE versions ADD COLUMN masks_sha256 TEXT")
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -203,13 +217,8 @@ class DeltaStore:
 
         Adding the bytes of an existing version of the same delta returns that version.
         """
-        tensors = serialize_tensors(delta)
-        manifest = manifest_for(delta, _sha256(tensors))
-        files = {
-            TENSORS_FILE: tensors,
-            CONFIG_FILE: (json.dumps(manifest, indent=2) + "\n").encode(),
-            CARD_FILE: render_model_card(manifest).encode(),
-        }
+        files = artifact_files(delta)
+        manifest = json.loads(files[CONFIG_FILE])
         shas = {name: self._put_blob(data) for name, data in files.items()}
         base, kind, name = delta.config.base_model.id, delta.kind, delta.name
         with self._write() as db:
@@ -228,12 +237,12 @@ class DeltaStore:
                 version = last + 1
                 db.execute("UPDATE deltas SET last_version=? WHERE id=?", (version, delta_id))
                 db.execute(
-                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO versions (delta_id, version, tensors_sha256, config_sha256, card_sha256, masks_sha256, "
+                    "nnz, density, size, created_at, added_at, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        delta_id, version, shas[TENSORS_FILE], shas[CONFIG_FILE], shas[CARD_FILE],
-                        manifest["nnz"], manifest["density"], len(tensors), manifest["created_at"],
-                        _now(),
-                        json.dumps(source or {"type": "python"}),
+                        delta_id, version, shas[TENSORS_FILE], shas[CONFIG_FILE], shas[CARD_FILE], shas.get(MASKS_FILE),
+                        manifest["nnz"], manifest["density"], len(files[TENSORS_FILE]), manifest["created_at"],
+                        _now(), json.dumps(source or {"type": "python"}),
                     ),
                 )
             else:
@@ -262,7 +271,8 @@ class DeltaStore:
                 base=row["base"], kind=row["kind"], name=row["name"], version=row["version"],
                 aliases=tuple(aliases.get((row["id"], row["version"]), ())),
                 tensors_sha256=row["tensors_sha256"], config_sha256=row["config_sha256"],
-                card_sha256=row["card_sha256"], nnz=row["nnz"], density=row["density"], size=row["size"],
+                card_sha256=row["card_sha256"], masks_sha256=row["masks_sha256"], nnz=row["nnz"],
+                density=row["density"], size=row["size"],
                 created_at=row["created_at"], added_at=row["added_at"], source=json.loads(row["source"]),
             )
             for row in rows
@@ -308,7 +318,9 @@ class DeltaStore:
     def load(self, ref: str | DeltaRef | StoredVersion, base: str | None = None, device: torch.device | str = "cpu") -> SparseDelta:
         """Read and validate a stored version."""
         version = ref if isinstance(ref, StoredVersion) else self.resolve(ref, base)
-        return read_delta(self.blob_path(version.tensors_sha256), self.blob_path(version.config_sha256), device=device)
+        masks = self.blob_path(version.masks_sha256) if version.masks_sha256 is not None else None
+        return read_delta(self.blob_path(version.tensors_sha256), self.blob_path(version.config_sha256), device=device,
+                          masks_path=masks)
 
     def export(self, ref: str | DeltaRef, directory: str | os.PathLike, base: str | None = None) -> Path:
         """Write a stored version out as an artifact directory (the same files that were stored)."""
@@ -423,8 +435,8 @@ class DeltaStore:
         removed = freed = stale = 0
         with self._write() as db:  # holds the write lock: no add can register a blob meanwhile
             referenced = set()
-            for row in db.execute("SELECT tensors_sha256, config_sha256, card_sha256 FROM versions"):
-                referenced.update(row)
+            for row in db.execute("SELECT tensors_sha256, config_sha256, card_sha256, masks_sha256 FROM versions"):
+                referenced.update(sha for sha in row if sha is not None)
             for path in self.blobs_dir.iterdir():
                 if path.name not in referenced:
                     freed += path.stat().st_size
