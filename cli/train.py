@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -13,6 +14,9 @@ from rich.table import Table
 from sftstore.naming import DeltaRef
 
 from .common import JSON_OPTION, base_option, console, open_store, print_json
+
+if TYPE_CHECKING:
+    from sftstore.delta import SparseDelta
 
 # The paper's defaults (section 4): K, schedule and batch per kind of run.
 LANGUAGE_DEFAULTS = {"num_params": "7.6M", "epochs": 100.0, "max_steps": 100_000, "eval_steps": 1000, "l1": 0.1,
@@ -84,19 +88,21 @@ def _output_dir(given: Path | None, store, kind: str, name: str) -> Path:
     return given if given is not None else store.root / "runs" / f"{kind}-{name}"
 
 
-def _store_result(store, delta, method: str, as_json: bool) -> None:
-    """Store and report the trained delta, once: under torchrun only the main process does."""
+def _store_result(store, delta: SparseDelta | list[SparseDelta], method: str, as_json: bool) -> None:
+    """Store and report the trained delta(s), once: under torchrun only the main process does.
+
+    With --json: one object for one delta, a list of them for several."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    version, created = store.add(delta, source={"type": "train", "method": method})
-    _report(version, created, as_json, delta.config.metrics)
-
-
-def _report(version, created: bool, as_json: bool, metrics: dict) -> None:
+    reports = []
+    for one in delta if isinstance(delta, list) else [delta]:
+        version, created = store.add(one, source={"type": "train", "method": method})
+        reports.append({**version.to_dict(), "created": created, "metrics": one.config.metrics})
+        if not as_json:
+            click.echo(f"stored {version.ref} ({version.base}): {version.nnz:,} non-zeros ({version.density:.3%}); "
+                       f"{one.config.metrics}")
     if as_json:
-        print_json({**version.to_dict(), "created": created, "metrics": metrics})
-    else:
-        click.echo(f"stored {version.ref} ({version.base}): {version.nnz:,} non-zeros ({version.density:.3%}); {metrics}")
+        print_json(reports if isinstance(delta, list) else reports[0])
 
 
 @click.command("train-lang")
@@ -134,17 +140,20 @@ def train_lang(base, language, texts, held_out, as_json, output_dir, resume, **v
 @click.option("--train-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="s4: a folder with LANG/train.txt for each target language.")
 @click.option("--shots", type=int, default=16, show_default=True, help="s4: examples per language.")
-@click.option("--mask", "mask_kind", type=click.Choice(["importance", "random", "fc", "fc-pooler"]),
+@click.option("--mask", "mask_kind", type=click.Choice(["importance", "random", "full", "fc", "fc-pooler"]),
               default="importance", show_default=True,
-              help="s4: Taylor-importance masks; the random-mask ablation; or the baselines that train the "
-                   "classifier only (fc) or the classifier and the pooler (fc-pooler).")
+              help="s4: Taylor-importance masks; the random-mask ablation; or the baselines that train every "
+                   "parameter (full), the classifier only (fc) or the classifier and the pooler (fc-pooler).")
+@click.option("--pruning", is_flag=True,
+              help="s4: the Pruning ablation, forward through each language's sub-network only; stores one "
+                   "delta per language, task/NAME-LANG.")
 @click.option("--source-lang", help="The source language: its delta (lang/CODE in the store) is applied during training. "
               "Several (en,swa): multi-source, with one --train and one --dev per language, in the same order.")
 @click.option("--name", help="Store the delta as task/NAME (default: the task).")
 @sparse_options
 @JSON_OPTION
-def train_task(base, task, train_files, dev_files, source_lang, name, adapt, langs, train_dir, shots, mask_kind, as_json,
-               output_dir, resume, **values) -> None:
+def train_task(base, task, train_files, dev_files, source_lang, name, adapt, langs, train_dir, shots, mask_kind, pruning,
+               as_json, output_dir, resume, **values) -> None:
     """Train a task delta on labelled source-language data and store it as task/TASK.
 
     With --method s4, adapt a trained task delta (--from) to several target languages at once from
@@ -155,8 +164,8 @@ def train_task(base, task, train_files, dev_files, source_lang, name, adapt, lan
     store = open_store()
     sft, options = build_arguments({"num_params": "14.2M", "l1": 0.0, "max_steps": None, **TASK_DEFAULTS[task]}, values)
     if values["method"] == "s4":
-        _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, dev_files, name, values["density"],
-                  options, output_dir, as_json)
+        _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, pruning, dev_files, name,
+                  values["density"], options, output_dir, as_json)
         return
     if not train_files or not dev_files:
         raise click.UsageError("train-task needs --train and --dev")
@@ -179,32 +188,30 @@ def train_task(base, task, train_files, dev_files, source_lang, name, adapt, lan
     _store_result(store, delta, sft.method, as_json)
 
 
-def _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, dev_files, name, density, options,
-              output_dir, as_json) -> None:
-    import hashlib
-
-    from safetensors.torch import save_file
-
-    from sftstore.train.s4 import train_s4
+def _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, pruning, dev_files, name, density,
+              options, output_dir, as_json) -> None:
+    from sftstore.modeling import load_model
+    from sftstore.train.s4 import pruned_delta, train_s4
     from sftstore.train.task import TaskData
 
     if not (adapt and langs and train_dir and density):
         raise click.UsageError("--method s4 needs --from TASK_DELTA, --langs, --train-dir and --density")
+    if pruning and dev_files:
+        raise click.UsageError("--pruning trains one network per language: a --dev set cannot pick the checkpoint")
     source = store.resolve(DeltaRef.parse(adapt, "task"), base)
+    task_delta = store.load(source)
     languages = {lang: TaskData.read(task, [train_dir / lang / "train.txt"]).head(shots) for lang in langs.split(",")}
     dev = TaskData.read(task, list(dev_files)) if dev_files else None
     run_dir = _output_dir(output_dir, store, "task", f"{name or task}-s4")
     with contextlib.redirect_stdout(sys.stderr):
-        delta, masks = train_s4(base, languages, dev, store.load(source), density, options, run_dir,
-                                random_masks=mask_kind == "random", name=name,
-                                baseline=mask_kind if mask_kind.startswith("fc") else None)
-    masks_file = Path(run_dir) / "s4-masks.safetensors"  # per-language masks, for sft overlap and analysis
-    save_file({f"{lang}::{param}": m.contiguous().cpu() for lang, ms in masks.items() for param, m in ms.items()},
-              str(masks_file))
-    delta.config.training["masks"] = {"file": str(masks_file),
-                                      "sha256": hashlib.sha256(masks_file.read_bytes()).hexdigest()}
+        delta = train_s4(base, languages, dev, task_delta, density, options, run_dir, mask=mask_kind, pruning=pruning,
+                         name=name)
     delta.config.lineage["source_ref"] = source.ref
-    _store_result(store, delta, "s4", as_json)
+    if not pruning:
+        _store_result(store, delta, "s4", as_json)
+        return
+    base_model = load_model(base, task_delta.config.task_type, task_delta.config.labels)
+    _store_result(store, [pruned_delta(delta, base_model, lang) for lang in languages], "s4", as_json)
 
 
 @click.command("eval")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -110,7 +112,8 @@ def test_s4_training_contract(tmp_path, tiny_bert_dir, setup, monkeypatch):
     monkeypatch.setattr(s4, "S4Trainer", RecordingTrainer)
     opts = TrainingOptions(batch_size=4, max_length=32, max_steps=6, eval_steps=3, learning_rate=1e-2,
                            weight_decay=0.1, progress=False, use_cpu=True)
-    delta, masks = s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "s4")
+    delta = s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "s4")
+    masks = {lang: delta.subnetworks[lang] for lang in delta.subnetworks}
     trainer = RecordingTrainer.last
     names = list(languages)
     k = round(DENSITY * total_params(trainer.model))
@@ -155,7 +158,7 @@ def test_s4_training_contract(tmp_path, tiny_bert_dir, setup, monkeypatch):
         assert bool(torch.isin(entry.indices.long(), delta.params[name].indices.long()).all())
     assert delta.kind == "task" and delta.config.task == "ner" and delta.config.labels == list(NER_LABELS)
     assert delta.config.method["name"] == "s4" and delta.config.method["languages"] == names
-    assert delta.config.method["random_masks"] is False
+    assert delta.config.method["mask"] == "importance" and delta.config.method["pruning"] is False
     assert delta.config.lineage["adapted_from"]["created_at"] == task_delta.config.created_at
 
 
@@ -164,11 +167,10 @@ def test_random_masks_ablation_trains(tmp_path, tiny_bert_dir, setup):
     opts = TrainingOptions(batch_size=4, max_length=32, max_steps=2, eval_steps=2, learning_rate=1e-3,
                            progress=False, use_cpu=True)
     dev = TaskData.read("ner", [shipped_data("ner/en/dev.txt")]).head(4)
-    delta, masks = s4.train_s4(tiny_bert_dir, languages, dev, task_delta, DENSITY, opts, tmp_path / "s4r",
-                               random_masks=True)
+    delta = s4.train_s4(tiny_bert_dir, languages, dev, task_delta, DENSITY, opts, tmp_path / "s4r", mask="random")
     k = round(DENSITY * delta.num_parameters)
-    assert all(mask_nnz(m) == k for m in masks.values())
-    assert delta.config.method["random_masks"] is True
+    assert all(delta.subnetworks.nnz(lang) == k for lang in languages)
+    assert delta.config.method["mask"] == "random"
     assert "dev_f1" in delta.config.metrics
 
 
@@ -176,15 +178,86 @@ def test_fc_baseline_trains_the_classifier_only(tmp_path, tiny_bert_dir, setup):
     tokenizer, task_delta, languages = setup
     opts = TrainingOptions(batch_size=4, max_length=32, max_steps=3, eval_steps=3, learning_rate=1e-2,
                            progress=False, use_cpu=True)
-    delta, masks = s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "fc",
-                               baseline="fc")
-    assert all(mask_nnz(m) == 0 for m in masks.values())
-    assert delta.config.method["baseline"] == "fc"
+    delta = s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "fc", mask="fc")
+    assert all(delta.subnetworks.nnz(lang) == 0 for lang in languages)
+    assert delta.config.method["mask"] == "fc"
     assert delta.params.keys() == task_delta.params.keys()  # the base weights did not move:
     for name, entry in task_delta.params.items():  # the delta is the source delta (up to rounding)
         assert torch.equal(delta.params[name].indices.long(), entry.indices.long())
         torch.testing.assert_close(delta.params[name].values, entry.values, rtol=0, atol=1e-6)
     assert any(not torch.equal(delta.head[n], t) for n, t in task_delta.head.items())  # the classifier trained
+
+
+def test_full_baseline_masks_every_base_parameter(tmp_path, tiny_bert_dir, setup):
+    tokenizer, task_delta, languages = setup
+    opts = TrainingOptions(batch_size=4, max_length=32, max_steps=2, eval_steps=2, learning_rate=1e-3,
+                           progress=False, use_cpu=True)
+    delta = s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "full", mask="full")
+    assert all(delta.subnetworks.nnz(lang) == delta.num_parameters for lang in languages)
+    assert delta.density > 0.5  # every base parameter could move, and most did
+
+
+def test_unknown_mask_and_pruning_with_dev_are_refused(tmp_path, tiny_bert_dir, setup):
+    tokenizer, task_delta, languages = setup
+    opts = TrainingOptions(max_steps=1, progress=False, use_cpu=True)
+    with pytest.raises(ValueError, match="unknown mask 'magnitude'"):
+        s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "x", mask="magnitude")
+    with pytest.raises(ValueError, match="leave dev out"):
+        s4.train_s4(tiny_bert_dir, languages, languages["en"], task_delta, DENSITY, opts, tmp_path / "x", pruning=True)
+
+
+class PruningRecorder(RecordingTrainer):
+    """Checks, at every forward, that the base entries outside the batch's language mask are zero."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwards = []
+        self.model.register_forward_pre_hook(self._check_pruned)
+
+    def _check_pruned(self, module, args):
+        params = base_parameters(self.model)
+        masks = self.prune_with[self.current_language]
+        outside_zero = all(not bool(params[n].detach()[~m].any()) for n, m in masks.items())
+        inside_kept = any(bool(params[n].detach()[m].any()) for n, m in masks.items())
+        self.forwards.append((self.current_language, outside_zero and inside_kept))
+
+
+def test_pruning_forwards_through_the_language_subnetwork_and_pruned_delta_is_that_network(
+        tmp_path, tiny_bert_dir, setup, monkeypatch):
+    tokenizer, task_delta, languages = setup
+    monkeypatch.setattr(s4, "S4Trainer", PruningRecorder)
+    opts = TrainingOptions(batch_size=4, max_length=32, max_steps=4, learning_rate=1e-2, progress=False, use_cpu=True)
+    density = 0.5
+    delta = s4.train_s4(tiny_bert_dir, languages, None, task_delta, density, opts, tmp_path / "pruned", pruning=True)
+    trainer = PruningRecorder.last
+    assert delta.config.method["pruning"] is True
+    assert len(trainer.forwards) == 4 and {lang for lang, _ in trainer.forwards} == {0, 1}
+    assert all(ok for _, ok in trainer.forwards)
+    masks = {lang: delta.subnetworks[lang] for lang in languages}
+    for record in trainer.records:  # updates stay inside the step's language mask, as without pruning
+        mask = masks[list(languages)[record["languages"].pop()]]
+        for name, after in record["after"].items():
+            assert not bool((after != record["before"][name])[~mask[name]].any()), name
+    start, trained = base_parameters(theta0(tiny_bert_dir, task_delta)), base_parameters(trainer.model)
+    for name, param in trained.items():  # the pruned entries were restored after every batch
+        union = masks["hau"][name] | masks["en"][name]
+        assert torch.equal(param.detach()[~union], start[name].detach()[~union]), name
+        assert not bool(((param.detach() == 0) & (start[name].detach() != 0)).any()), name
+
+    base = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    hau = s4.pruned_delta(delta, base, "hau")
+    assert hau.config.task == "ner-hau" and list(hau.subnetworks) == ["hau"]
+    assert hau.config.method["network_of"] == "hau" and hau.config.lineage["pruned_from"]["name"] == "ner"
+    network = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    hau.apply(network)
+    for name, param in base_parameters(network).items():
+        expected = torch.where(masks["hau"][name], trained[name].detach(), torch.zeros(()))
+        torch.testing.assert_close(param.detach(), expected, rtol=0, atol=1e-6)
+    tuned_head = head_parameters(trainer.model)
+    for name, param in head_parameters(network).items():
+        assert torch.equal(param, tuned_head[name].detach())
+    with pytest.raises(ValueError, match="no sub-network mask for 'yor'"):
+        s4.pruned_delta(delta, base, "yor")
 
 
 def test_cli_train_task_s4(tmp_path, tiny_bert_dir):
@@ -209,8 +282,16 @@ def test_cli_train_task_s4(tmp_path, tiny_bert_dir):
     assert result.exit_code == 0, result.output
     stored = DeltaStore().load("task/ner-s4")
     assert stored.config.method["name"] == "s4" and stored.config.lineage["source_ref"] == "task/ner@1"
-    masks_file = stored.config.training["masks"]["file"]
-    from safetensors import safe_open
+    assert list(stored.subnetworks) == ["hau", "en"]  # the masks are stored with the delta
+    overlap = CliRunner().invoke(cli, ["overlap", "task/ner-s4", "--masks", "--json"])
+    assert overlap.exit_code == 0, overlap.output
+    assert json.loads(overlap.stdout)["refs"] == ["task/ner-s4@1#hau", "task/ner-s4@1#en"]
 
-    with safe_open(masks_file, framework="pt") as handle:
-        assert {key.split("::")[0] for key in handle.keys()} == {"hau", "en"}
+    result = CliRunner().invoke(cli, [
+        "train-task", "--base", str(tiny_bert_dir), "--task", "ner", "--method", "s4", "--from", "task/ner",
+        "--langs", "hau,en", "--train-dir", str(train_dir), "--shots", "8", "--density", "0.5", "--name", "ner-p",
+        "--pruning", "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--no-progress", "--cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads(result.stdout)
+    assert [v["ref"] for v in stored] == ["task/ner-p-hau@1", "task/ner-p-en@1"]
+    assert list(DeltaStore().load("task/ner-p-en").subnetworks) == ["en"]

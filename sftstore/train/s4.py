@@ -10,8 +10,16 @@
    (outside the base model, no mask) trains densely, as in the package's other task training.
 4. Output (`train_s4`): a NEW task delta relative to the base, `theta_final - base` over the union
    of the source task delta's support and the masks' union (= the source task delta plus the S4
-   update), carrying the trained head, so it composes like any task delta. The per-language masks
-   are returned too (e.g. for `masks.jaccard`).
+   update), carrying the trained head and the per-language masks (`delta.subnetworks`, saved as
+   `sft_masks.safetensors`), so it composes like any task delta and `sft overlap --masks` reads it.
+
+Ablations and baselines (sections 4.3 and 4.5 of the paper), `mask=`:
+- "random": K entries per language drawn uniformly (seeded), instead of by importance;
+- "full": every base parameter in every mask (the Full Model baseline, one-language batches);
+- "fc" / "fc-pooler": no base parameter (the classifier only), or the pooler only (with the classifier).
+`pruning=True`: forward and backward through the batch's language sub-network only (the entries
+outside its mask are zero during the batch). Each language then has its own network:
+`pruned_delta(delta, base, language)` turns the trained delta into that network's delta.
 
 Choices and limits:
 - Importance is computed with the model in eval mode (dropout off: deterministic scores), the
@@ -25,12 +33,13 @@ Choices and limits:
 - With gradient accumulation (one process), gradients are masked on their way into `.grad`, so a
   window mixing languages masks each micro-batch with its own language; the step's "current"
   entries are then the union of the window's languages.
-- Not implemented: the Pruning ablation (forward through the sub-network only) and the FC-only /
-  FC+pooler baselines of section 4.3/4.5. The Random ablation is `random=True` / `random_masks=True`.
+- With pruning, a dev set cannot pick the checkpoint (each language has its own network): the last
+  step is kept.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -45,6 +54,7 @@ from ..compose import check_base
 from ..delta import SparseDelta
 from ..modeling import base_parameters, fingerprint, load_model
 from ..settings import base_key
+from ..subnetworks import SubnetworkMasks
 from .data import describe_files
 from .evaluate import TASK_METRICS, sequence_metrics, token_metrics
 from .lt_sft import sparse_difference
@@ -55,6 +65,7 @@ from .sparse_trainer import Support
 from .task import TASK_TYPES, TaskData, collator_for
 
 Masks = dict[str, torch.Tensor]
+MASK_KINDS = ("importance", "random", "full", "fc", "fc-pooler")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -123,19 +134,36 @@ def language_masks(
     return result
 
 
+def fixed_masks(model: nn.Module, kind: str, languages: Sequence[str]) -> dict[str, Masks]:
+    """The baselines' masks, the same for every language: "full" (every base parameter), "fc"
+    (none: the classifier head trains alone) or "fc-pooler" (the pooler's parameters)."""
+    if kind not in ("full", "fc", "fc-pooler"):
+        raise ValueError(f"unknown baseline {kind!r}: expected 'full', 'fc' or 'fc-pooler'")
+    params = base_parameters(model)
+    masks = {n: torch.full(p.shape, kind == "full" or (kind == "fc-pooler" and n.startswith("pooler.")),
+                           dtype=torch.bool, device=p.device) for n, p in params.items()}
+    return {language: masks for language in languages}
+
+
 class S4Trainer(MultiSourceTrainer):
     """Batches of one language each (`LanguageTaggedDataset` + `OneLanguageBatches`), no language
     delta, base gradients multiplied by the batch's language mask.
 
     `language_supports[i]`: the `Support` of the i-th language's mask (the language index of
-    `LanguageTaggedDataset`); `support` must be the union of the masks. Needs
+    `LanguageTaggedDataset`); `support` must be the union of the masks. `prune_with[i]`: the i-th
+    language's boolean masks, to run each batch through its language's sub-network only (the
+    Pruning ablation; the pruned entries are restored before every optimizer step). Needs
     `remove_unused_columns=False`.
     """
 
-    def __init__(self, *args, language_supports: Sequence[Support], exact_updates: bool = True, **kwargs) -> None:
+    def __init__(self, *args, language_supports: Sequence[Support], exact_updates: bool = True,
+                 prune_with: Sequence[Masks] | None = None, **kwargs) -> None:
         # set before the parent registers its gradient hooks (they read these through _indices)
         self.language_supports = list(language_supports)
         self.exact_updates = exact_updates
+        self.prune_with = list(prune_with) if prune_with is not None else None
+        self._pruned_for: int | None = None
+        self._unpruned: dict[str, torch.Tensor] = {}
         self.current_language: int | None = None
         self._step_languages: set[int] = set()
         self._empty: dict[torch.device, torch.Tensor] = {}
@@ -156,10 +184,34 @@ class S4Trainer(MultiSourceTrainer):
     # ---- the current language's entries ---------------------------------------------------------
 
     def use_language(self, language: int) -> None:
-        """No delta to apply: only remember whose mask the next backward uses."""
+        """No delta to apply: remember whose mask the next backward uses (and prune to it)."""
         self.current_language = language
         if self.model.training:
             self._step_languages.add(language)
+        if self.prune_with is not None and self._pruned_for != language:
+            self._unprune()
+            self._prune(language)
+
+    def revert_language(self) -> None:
+        self._unprune()
+        super().revert_language()
+
+    @torch.no_grad()
+    def _prune(self, language: int) -> None:
+        """Zero every base entry outside `language`'s masks, keeping the values to restore."""
+        params = base_parameters(self.model)
+        for name, mask in self.prune_with[language].items():
+            self._unpruned[name] = params[name].detach().clone()
+            params[name].masked_fill_(~mask.to(params[name].device), 0)
+        self._pruned_for = language
+
+    @torch.no_grad()
+    def _unprune(self) -> None:
+        params = base_parameters(self.model)
+        for name, values in self._unpruned.items():
+            params[name].copy_(values)
+        self._unpruned = {}
+        self._pruned_for = None
 
     def _indices(self, name: str, device: torch.device) -> torch.Tensor:
         if self.current_language is None:
@@ -265,27 +317,32 @@ def train_s4(
     options: TrainingOptions,
     output_dir: str | os.PathLike,
     *,
-    random_masks: bool = False,
-    baseline: str | None = None,
+    mask: str = "importance",
+    pruning: bool = False,
     tokenizer=None,
     revision: str | None = None,
     name: str | None = None,
     exact_updates: bool = True,
     force: bool = False,
-) -> tuple[SparseDelta, dict[str, Masks]]:
+) -> SparseDelta:
     """S4-Tuning of `task_delta` on few-shot data of the target `languages`; returns the new task
-    delta (relative to the base: source task delta + S4 update) and the per-language masks.
+    delta (relative to the base: source task delta + S4 update), its per-language masks in
+    `delta.subnetworks`.
 
     `base`: a Hub id / local directory (the tokenizer then comes from it), or a zero-argument
     callable returning a fresh base model with the task's head (then give `tokenizer`). `dev`: a
     dev set scored every `options.eval_steps` to keep the best checkpoint (None: keep the last).
-    The mask seed (`random_masks`) is `options.seed`. `baseline` replaces the masks by the paper's
-    baselines: "fc" trains the classifier head only, "fc-pooler" also the pooler (a sequence-
-    classification head's; token-classification models have none).
+    `mask`: one of `MASK_KINDS` (see the module's docstring); the random masks' seed is
+    `options.seed`. `pruning`: the Pruning ablation; use `pruned_delta` for each language's network.
     """
     started = time.time()
     if not languages:
         raise ValueError("S4-Tuning needs few-shot data of at least one target language")
+    if mask not in MASK_KINDS:
+        raise ValueError(f"unknown mask {mask!r}: expected one of {', '.join(MASK_KINDS)}")
+    if pruning and dev is not None:
+        raise ValueError("with pruning each language has its own network, so one dev set cannot pick the checkpoint; "
+                         "leave dev out")
     if task_delta.kind != "task":
         raise ValueError(f"S4-Tuning adapts a task delta, got a {task_delta.kind} delta")
     tasks = {data.task for data in languages.values()} | ({dev.task} if dev is not None else set())
@@ -315,15 +372,11 @@ def train_s4(
     names = list(languages)
     collator = collator_for(task, tokenizer)
     train_sets = [languages[lang].dataset(tokenizer, labels, options.max_length) for lang in names]
-    if baseline is None:
-        masks = language_masks(model, dict(zip(names, train_sets)), collator, density, random=random_masks,
+    if mask in ("importance", "random"):
+        masks = language_masks(model, dict(zip(names, train_sets)), collator, density, random=mask == "random",
                                seed=options.seed, batch_size=options.batch_size)
-    elif baseline in ("fc", "fc-pooler"):
-        pooled = baseline == "fc-pooler"
-        masks = {lang: {n: torch.full(p.shape, pooled and n.startswith("pooler."), dtype=torch.bool, device=p.device)
-                        for n, p in base_parameters(model).items()} for lang in names}
     else:
-        raise ValueError(f"unknown baseline {baseline!r}: expected 'fc' or 'fc-pooler'")
+        masks = fixed_masks(model, mask, names)
     union = masks_union(*masks.values())
     union_support = Support(model, union)
     supports = [Support(model, masks[lang]) for lang in names]
@@ -339,7 +392,8 @@ def train_s4(
     else:
         args = dataclasses.replace(args, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
     trainer = S4Trainer(model=model, args=args, support=union_support, language_supports=supports,
-                        exact_updates=exact_updates, data_collator=collator, **data, **options.trainer_kwargs())
+                        exact_updates=exact_updates, prune_with=[masks[lang] for lang in names] if pruning else None,
+                        data_collator=collator, **data, **options.trainer_kwargs())
     result = trainer.train()
     trainer.remove_hooks()
     tuned = trainer.model
@@ -356,7 +410,7 @@ def train_s4(
         base_model, tuned, masks=output_masks, base_id=base_id,
         base_revision=revision or task_delta.config.base_model.revision,
         kind="task", task=name or task_delta.config.task or task, task_type=task_type, labels=labels,
-        method={"name": "s4", "density": density, "languages": names, "random_masks": random_masks, "baseline": baseline,
+        method={"name": "s4", "density": density, "languages": names, "mask": mask, "pruning": pruning,
                 "exact_updates": exact_updates, "seed": options.seed},
         training={
             "data": {"train": {lang: describe_files(languages[lang].files) for lang in names},
@@ -376,4 +430,33 @@ def train_s4(
                                   "created_at": task_delta.config.created_at, "nnz": task_delta.nnz},
                  "target_languages": names},
     )
-    return delta, {lang: {n: m.cpu() for n, m in lang_masks.items()} for lang, lang_masks in masks.items()}
+    delta.subnetworks = SubnetworkMasks.from_bool(masks)
+    return delta
+
+
+@torch.no_grad()
+def pruned_delta(delta: SparseDelta, base: nn.Module, language: str, name: str | None = None) -> SparseDelta:
+    """One language's network of a delta trained with `pruning=True`, as a task delta of its own:
+    the trained weights inside `language`'s masks, zero outside (`-base` in the delta).
+
+    `base`: the base model with the task's head (weights as pretrained). The result is named
+    `name` (default `TASK-LANGUAGE`) and keeps only `language`'s masks.
+    """
+    if delta.subnetworks is None or language not in delta.subnetworks:
+        have = ", ".join(delta.subnetworks or []) or "none"
+        raise ValueError(f"delta {delta.name!r} has no sub-network mask for {language!r} (it has: {have})")
+    network = copy.deepcopy(base)
+    delta.apply(network)
+    params = base_parameters(network)
+    for param_name, keep in delta.subnetworks[language].items():
+        params[param_name].masked_fill_(~keep.to(params[param_name].device), 0)
+    config = delta.config
+    result = SparseDelta.from_models(
+        base, network, base_id=config.base_model.id, base_revision=config.base_model.revision, kind="task",
+        task=name or f"{config.task}-{language}", task_type=config.task_type, labels=config.labels,
+        method={**config.method, "network_of": language}, training=config.training, metrics=config.metrics,
+        lineage={**config.lineage, "pruned_from": {"name": delta.name, "created_at": config.created_at}},
+        license=config.license,
+    )
+    result.subnetworks = delta.subnetworks.select([language])
+    return result
