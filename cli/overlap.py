@@ -56,7 +56,8 @@ def plot_heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Pat
                    "REF#LANG, instead of its support; a delta without masks is compared by its support.")
 @JSON_OPTION
 def overlap_command(refs, base, by, plot, use_masks, as_json) -> None:
-    """Compare the supports of two or more stored deltas: Jaccard, sign agreement, value correlation."""
+    """Compare the supports of two or more stored deltas (or, with --masks, the per-language masks
+    stored with them): Jaccard, sign agreement, value correlation."""
     try:
         store = open_store()
         versions = list({v.ref: v for v in (store.resolve(ref, base) for ref in refs)}.values())

@@ -163,6 +163,8 @@ def train_task(base, task, train_files, dev_files, source_lang, name, adapt, lan
 
     store = open_store()
     sft, options = build_arguments({"num_params": "14.2M", "l1": 0.0, "max_steps": None, **TASK_DEFAULTS[task]}, values)
+    if pruning and values["method"] != "s4":
+        raise click.UsageError("--pruning is an S4-Tuning ablation: use it with --method s4")
     if values["method"] == "s4":
         _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, pruning, dev_files, name,
                   values["density"], options, output_dir, as_json)

@@ -21,7 +21,7 @@ import torch
 
 from ._io import atomic_write_bytes
 from .card import render_model_card
-from .config import DERIVED_FIELDS, FORMAT_VERSION, DeltaConfig
+from .config import DERIVED_FIELDS, FORMAT_VERSION, OPTIONAL_DERIVED_FIELDS, DeltaConfig
 from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
 from .errors import DeltaFormatError
 from .subnetworks import SubnetworkMasks
@@ -35,6 +35,7 @@ MASKS_FORMAT_NAME = "sftstore-masks"
 HEAD_PREFIX = "head::"
 INDICES_SUFFIX = "::indices"
 VALUES_SUFFIX = "::values"
+_MAX_NUMEL = 2**62  # larger shapes in metadata are refused (no real parameter comes near)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -138,7 +139,7 @@ def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
         raise DeltaFormatError(f"{config_path}: missing required field(s): {', '.join(missing)}")
     for name, expected in (("format_version", int), ("nnz", int), ("density", (int, float)), ("values_dtype", str),
                            ("tensors_sha256", str), ("masks_sha256", str)):
-        if name not in raw and name == "masks_sha256":  # the one optional derived field
+        if name in OPTIONAL_DERIVED_FIELDS and name not in raw:
             continue
         if isinstance(raw[name], bool) or not isinstance(raw[name], expected):
             raise DeltaFormatError(f"{config_path}: field '{name}' is {raw[name]!r}; expected a {getattr(expected, '__name__', 'number')}")
@@ -183,6 +184,10 @@ def read_delta(
         masks_data = _read_bytes(masks_path)
         _check_sha256(hashlib.sha256(masks_data).hexdigest(), raw, "masks_sha256", masks_path, config_path)
         subnetworks = _parse_masks(masks_data, masks_path)
+        for name, entry in params.items():
+            if name in subnetworks.shapes and subnetworks.shapes[name] != entry.shape:
+                raise DeltaFormatError(f"{masks_path}: the masks of '{name}' have shape {list(subnetworks.shapes[name])}; "
+                                       f"{tensors_path} says {list(entry.shape)}")
     delta = SparseDelta(params, config, head, subnetworks)
     _check_head(delta, tensors_path)
     if not math.isclose(raw["density"], delta.density, rel_tol=1e-9):
@@ -240,15 +245,20 @@ def _load_safetensors(
             raise ValueError("not an object")
     except ValueError as exc:
         raise DeltaFormatError(f"{path}: metadata 'shapes' is not a JSON object of parameter shapes ({exc})") from None
-    return tensors, shapes, metadata
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _MAX_NUMEL for d in shape) \
+                or math.prod(shape) >= _MAX_NUMEL:
+            raise DeltaFormatError(f"{path}: metadata 'shapes' entry for '{name}' is {shape!r}; expected a list of "
+                                   f"non-negative ints with fewer than 2**62 elements")
+    return tensors, {name: tuple(shape) for name, shape in shapes.items()}, metadata
 
 
 def _parse_masks(data: bytes, path: Path) -> SubnetworkMasks:
     tensors, shapes, metadata = _load_safetensors(data, path, MASKS_FORMAT_NAME)
     try:
         languages = json.loads(metadata.get("languages", ""))
-        if not isinstance(languages, list) or not all(isinstance(lang, str) for lang in languages):
-            raise ValueError("not a list of strings")
+        if not isinstance(languages, list) or not languages or not all(isinstance(lang, str) for lang in languages):
+            raise ValueError("not a non-empty list of strings")
     except ValueError as exc:
         raise DeltaFormatError(f"{path}: metadata 'languages' is not a JSON list of mask names ({exc})") from None
     return SubnetworkMasks.from_tensors(tensors, shapes, languages, str(path))
@@ -275,8 +285,5 @@ def _parse_tensors(data: bytes, path: Path) -> tuple[dict[str, ParameterDelta], 
         raise DeltaFormatError(f"{path}: {where} '{name}'")
     params = {}
     for name in indices:
-        shape = shapes[name]
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-            raise DeltaFormatError(f"{path}: metadata 'shapes' entry for '{name}' is {shape!r}; expected a list of ints")
-        params[name] = ParameterDelta(indices[name], values[name], tuple(shape))
+        params[name] = ParameterDelta(indices[name], values[name], shapes[name])
     return params, head

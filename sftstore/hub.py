@@ -1,7 +1,7 @@
 """Sharing through the Hugging Face Hub: push a stored version, pull a repository into the store.
 
 One Hub repository holds one delta (base, kind, name); each stored version becomes one commit
-(the three artifact files) tagged `v<N>`. The token comes from the usual places (`token=`,
+(its artifact files: tensors, manifest, model card, and the masks file if it has one) tagged `v<N>`. The token comes from the usual places (`token=`,
 `HF_TOKEN`, `hf auth login`) and the endpoint from `HF_ENDPOINT`, as in `huggingface_hub`.
 """
 
@@ -144,7 +144,8 @@ def push_to_hub(
                     f"push {version.ref} to a repository of its own"
                 )
         if tag in tags:
-            if remote is None or remote.get("tensors_sha256") != version.tensors_sha256:
+            if remote is None or (remote.get("tensors_sha256"), remote.get("masks_sha256")) != (
+                    version.tensors_sha256, version.masks_sha256):
                 raise HubError(f"{repo_id}: tag {tag} already holds other tensors than {version.ref}; nothing pushed")
             store.record_remote(version, repo_id, tags[tag], tag)
             return PushResult(repo_id, tags[tag], tag, created=False)

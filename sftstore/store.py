@@ -327,6 +327,8 @@ class DeltaStore:
         version = self.resolve(ref, base)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if MASKS_FILE not in version.blobs:
+            (directory / MASKS_FILE).unlink(missing_ok=True)  # a stale one would not match the manifest
         for file_name, sha in version.blobs.items():
             atomic_write_bytes(directory / file_name, self.blob_path(sha).read_bytes())
         return directory
@@ -422,9 +424,10 @@ class DeltaStore:
                 if actual != sha:
                     damage.append(Damage(version.ref, version.base, file_name, f"content hashes to {actual}, not {sha}"))
             try:
-                manifest_sha = self.manifest(version)["tensors_sha256"]
-                if manifest_sha != version.tensors_sha256:
-                    damage.append(Damage(version.ref, version.base, CONFIG_FILE, "tensors_sha256 disagrees with the index"))
+                manifest = self.manifest(version)
+                for field_name, indexed in (("tensors_sha256", version.tensors_sha256), ("masks_sha256", version.masks_sha256)):
+                    if manifest.get(field_name) != indexed:
+                        damage.append(Damage(version.ref, version.base, CONFIG_FILE, f"{field_name} disagrees with the index"))
             except Exception as exc:  # any unreadable manifest is damage to report, not to raise
                 if not any(d.ref == version.ref and d.file == CONFIG_FILE for d in damage):
                     damage.append(Damage(version.ref, version.base, CONFIG_FILE, str(exc)))

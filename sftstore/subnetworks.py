@@ -8,6 +8,7 @@ artifact file `sft_masks.safetensors` and are read by `sft overlap --masks` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -20,7 +21,7 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ class SubnetworkMasks(Mapping[str, dict[str, torch.Tensor]]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SubnetworkMasks):
             return NotImplemented
-        return self.shapes == other.shapes and self._packed.keys() == other._packed.keys() and all(
+        return self.shapes == other.shapes and list(self._packed) == list(other._packed) and all(
             self._packed[lang].keys() == other._packed[lang].keys()
             and all(torch.equal(t, other._packed[lang][n]) for n, t in self._packed[lang].items())
             for lang in self._packed
@@ -88,10 +89,10 @@ class SubnetworkMasks(Mapping[str, dict[str, torch.Tensor]]):
         return {f"{language}::{name}": bits for language, tensors in self._packed.items() for name, bits in tensors.items()}
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list[int]], languages: list[str],
-                     where: str) -> "SubnetworkMasks":
-        """Validate the tensors of `sft_masks.safetensors` (keys, dtype, lengths, padding bits) and
-        order them as `languages`; `where` names the file."""
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                     languages: list[str], where: str) -> "SubnetworkMasks":
+        """Validate the tensors of `sft_masks.safetensors` (keys, dtype, lengths, padding bits) against
+        `shapes` (already validated) and order them as `languages`; `where` names the file."""
         packed: dict[str, dict[str, torch.Tensor]] = {}
         for key, bits in tensors.items():
             language, sep, name = key.partition("::")
@@ -104,9 +105,7 @@ class SubnetworkMasks(Mapping[str, dict[str, torch.Tensor]]):
             if name not in shapes:
                 raise DeltaFormatError(f"{where}: tensor '{key}': metadata 'shapes' has no entry for '{name}'")
             shape = shapes[name]
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise DeltaFormatError(f"{where}: metadata 'shapes' entry for '{name}' is {shape!r}; expected a list of ints")
-            numel = _numel(tuple(shape))
+            numel = _numel(shape)
             if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
                 raise DeltaFormatError(
                     f"{where}: tensor '{key}' is {bits.dtype} of shape {tuple(bits.shape)}; expected uint8 of shape "
@@ -123,4 +122,4 @@ class SubnetworkMasks(Mapping[str, dict[str, torch.Tensor]]):
             if set(tensors) != names:
                 missing = sorted(names - set(tensors))
                 raise DeltaFormatError(f"{where}: the masks of '{language}' lack parameter(s) {', '.join(missing[:5])}")
-        return cls(packed, {name: tuple(shape) for name, shape in shapes.items()})
+        return cls(packed, shapes)

@@ -204,6 +204,8 @@ def test_unknown_mask_and_pruning_with_dev_are_refused(tmp_path, tiny_bert_dir, 
         s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "x", mask="magnitude")
     with pytest.raises(ValueError, match="leave dev out"):
         s4.train_s4(tiny_bert_dir, languages, languages["en"], task_delta, DENSITY, opts, tmp_path / "x", pruning=True)
+    with pytest.raises(ValueError, match="would prune nothing"):
+        s4.train_s4(tiny_bert_dir, languages, None, task_delta, DENSITY, opts, tmp_path / "x", mask="fc", pruning=True)
 
 
 class PruningRecorder(RecordingTrainer):
@@ -226,7 +228,8 @@ def test_pruning_forwards_through_the_language_subnetwork_and_pruned_delta_is_th
         tmp_path, tiny_bert_dir, setup, monkeypatch):
     tokenizer, task_delta, languages = setup
     monkeypatch.setattr(s4, "S4Trainer", PruningRecorder)
-    opts = TrainingOptions(batch_size=4, max_length=32, max_steps=4, learning_rate=1e-2, progress=False, use_cpu=True)
+    opts = TrainingOptions(batch_size=4, max_length=32, max_steps=4, learning_rate=1e-2, weight_decay=0.1,
+                           progress=False, use_cpu=True)
     density = 0.5
     delta = s4.train_s4(tiny_bert_dir, languages, None, task_delta, density, opts, tmp_path / "pruned", pruning=True)
     trainer = PruningRecorder.last
@@ -234,11 +237,18 @@ def test_pruning_forwards_through_the_language_subnetwork_and_pruned_delta_is_th
     assert len(trainer.forwards) == 4 and {lang for lang, _ in trainer.forwards} == {0, 1}
     assert all(ok for _, ok in trainer.forwards)
     masks = {lang: delta.subnetworks[lang] for lang in languages}
-    for record in trainer.records:  # updates stay inside the step's language mask, as without pruning
-        mask = masks[list(languages)[record["languages"].pop()]]
-        for name, after in record["after"].items():
-            assert not bool((after != record["before"][name])[~mask[name]].any()), name
     start, trained = base_parameters(theta0(tiny_bert_dir, task_delta)), base_parameters(trainer.model)
+    assert len(trainer.records) == 4
+    for record in trainer.records:  # the optimizer sees unpruned weights; updates stay inside the step's mask
+        mask = masks[list(languages)[record["languages"].pop()]]
+        moved_any = False
+        for name, after in record["after"].items():
+            before = record["before"][name]
+            assert not bool(((before == 0) & (start[name].detach() != 0)).any()), f"{name} still pruned at the step"
+            moved = after != before
+            moved_any |= bool(moved.any())
+            assert not bool(moved[~mask[name]].any()), name
+        assert moved_any
     for name, param in trained.items():  # the pruned entries were restored after every batch
         union = masks["hau"][name] | masks["en"][name]
         assert torch.equal(param.detach()[~union], start[name].detach()[~union]), name
@@ -258,6 +268,9 @@ def test_pruning_forwards_through_the_language_subnetwork_and_pruned_delta_is_th
         assert torch.equal(param, tuned_head[name].detach())
     with pytest.raises(ValueError, match="no sub-network mask for 'yor'"):
         s4.pruned_delta(delta, base, "yor")
+    delta.config.method["pruning"] = False
+    with pytest.raises(ValueError, match="not trained with pruning"):
+        s4.pruned_delta(delta, base, "hau")
 
 
 def test_cli_train_task_s4(tmp_path, tiny_bert_dir):

@@ -141,6 +141,10 @@ def _rewrite_masks(directory, tensors, metadata=None):
      "metadata 'languages'"),
     ({"hau::w": torch.tensor([0], dtype=torch.uint8)},
      {"format": "sftstore-masks", "format_version": "1", "shapes": json.dumps({"w": [3]})}, "metadata 'languages'"),
+    ({}, {"format": "sftstore-masks", "format_version": "1", "shapes": "{}", "languages": "[]"}, "metadata 'languages'"),
+    *[({"hau::w": torch.tensor([0], dtype=torch.uint8)},
+       {"format": "sftstore-masks", "format_version": "1", "shapes": json.dumps({"w": shape}), "languages": '["hau"]'},
+       "metadata 'shapes' entry for 'w'") for shape in ([True], [2**64], [2**32, 2**32], [-1], "x", 5)],
 ])
 def test_malformed_masks_files_are_refused_naming_file_and_tensor(tmp_path, s4_delta, tensors, metadata, message):
     directory = s4_delta.save_pretrained(tmp_path / "d")
@@ -148,6 +152,16 @@ def test_malformed_masks_files_are_refused_naming_file_and_tensor(tmp_path, s4_d
     with pytest.raises(DeltaFormatError, match=message) as info:
         SparseDelta.from_pretrained(directory)
     assert MASKS_FILE in str(info.value)
+
+
+def test_masks_of_another_shape_than_the_delta_are_refused(tmp_path, s4_delta, base_model):
+    name, entry = next(iter(s4_delta.params.items()))
+    other = dict(s4_delta.subnetworks["hau"])
+    other[name] = torch.ones(entry.numel + 1, dtype=torch.bool)
+    s4_delta.subnetworks = SubnetworkMasks.from_bool({"hau": other})
+    directory = s4_delta.save_pretrained(tmp_path / "d")
+    with pytest.raises(DeltaFormatError, match=f"the masks of '{name}' have shape"):
+        SparseDelta.from_pretrained(directory)
 
 
 def test_masks_file_missing_unbound_or_tampered_is_refused(tmp_path, s4_delta, lang_delta):
@@ -185,6 +199,8 @@ def test_store_keeps_masks_through_add_load_export_import_verify_and_gc(tmp_path
     assert imported.masks_sha256 == version.masks_sha256
     plain, _ = store.add(synthetic_delta(base_model, 0.05, 6, kind="language", language="hau"))
     assert plain.masks_sha256 is None and MASKS_FILE not in plain.blobs
+    store.export("lang/hau", exported)  # over the S4 export: its masks file must not survive
+    assert not (exported / MASKS_FILE).exists() and SparseDelta.from_pretrained(exported).subnetworks is None
     assert store.gc().removed_blobs == 0 and store.blob_path(version.masks_sha256).exists()
     assert store.verify() == []
     store.blob_path(version.masks_sha256).write_bytes(b"damaged")
@@ -199,7 +215,11 @@ def test_a_store_index_from_before_masks_is_upgraded(tmp_path, s4_delta, base_mo
     with sqlite3.connect(root / "index.sqlite") as db:
         db.executescript(_SCHEMA.replace("    masks_sha256 TEXT,\n", ""))
         assert "masks_sha256" not in {row[1] for row in db.execute("PRAGMA table_info(versions)")}
+        db.execute("INSERT INTO deltas (base, kind, name, last_version) VALUES ('b', 'language', 'old', 1)")
+        db.execute("INSERT INTO versions VALUES (1, 1, 't', 'c', 'r', 5, 0.1, 40, 'then', 'then', '{}')")  # 11 columns
     store = DeltaStore(root)
+    (old,) = store.list(base="b")
+    assert old.ref == "lang/old@1" and old.masks_sha256 is None and MASKS_FILE not in old.blobs
     store.add(synthetic_delta(base_model, 0.05, 6, kind="language", language="hau"))
     store.add(s4_delta)
     assert DeltaStore(root).load("task/ner").subnetworks == s4_delta.subnetworks

@@ -76,6 +76,9 @@ class _RevertLanguage(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         self.trainer.revert_language()
 
+    def on_predict(self, args, state, control, **kwargs):
+        self.trainer.revert_language()
+
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.revert_language()
 

@@ -163,13 +163,16 @@ class S4Trainer(MultiSourceTrainer):
         self.exact_updates = exact_updates
         self.prune_with = list(prune_with) if prune_with is not None else None
         self._pruned_for: int | None = None
-        self._unpruned: dict[str, torch.Tensor] = {}
+        self._unpruned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.current_language: int | None = None
         self._step_languages: set[int] = set()
         self._empty: dict[torch.device, torch.Tensor] = {}
         self._others: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         self._saved: dict[str, torch.Tensor] = {}
         super().__init__(*args, language_deltas=[], **kwargs)
+        if self.prune_with is not None:  # per language: the entries to zero, on the model's device (all-True masks prune nothing)
+            device = _model_device(self.model)
+            self._prunable = [{n: ~m.to(device) for n, m in masks.items() if not bool(m.all())} for masks in self.prune_with]
         union = self.support.indices if self.support is not None else {}
         for support in self.language_supports:
             for name, indices in support.indices.items():
@@ -198,18 +201,19 @@ class S4Trainer(MultiSourceTrainer):
 
     @torch.no_grad()
     def _prune(self, language: int) -> None:
-        """Zero every base entry outside `language`'s masks, keeping the values to restore."""
+        """Zero every base entry outside `language`'s masks, keeping their values to restore."""
         params = base_parameters(self.model)
-        for name, mask in self.prune_with[language].items():
-            self._unpruned[name] = params[name].detach().clone()
-            params[name].masked_fill_(~mask.to(params[name].device), 0)
+        for name, pruned in self._prunable[language].items():
+            pruned = pruned.to(params[name].device)
+            self._unpruned[name] = (pruned, params[name][pruned])  # boolean indexing copies
+            params[name].masked_fill_(pruned, 0)
         self._pruned_for = language
 
     @torch.no_grad()
     def _unprune(self) -> None:
         params = base_parameters(self.model)
-        for name, values in self._unpruned.items():
-            params[name].copy_(values)
+        for name, (pruned, values) in self._unpruned.items():
+            params[name].masked_scatter_(pruned, values)
         self._unpruned = {}
         self._pruned_for = None
 
@@ -343,6 +347,9 @@ def train_s4(
     if pruning and dev is not None:
         raise ValueError("with pruning each language has its own network, so one dev set cannot pick the checkpoint; "
                          "leave dev out")
+    if pruning and mask not in ("importance", "random"):
+        raise ValueError(f"pruning needs sub-network masks: mask {mask!r} would prune nothing (full) or every base "
+                         "parameter (fc, fc-pooler)")
     if task_delta.kind != "task":
         raise ValueError(f"S4-Tuning adapts a task delta, got a {task_delta.kind} delta")
     tasks = {data.task for data in languages.values()} | ({dev.task} if dev is not None else set())
@@ -372,6 +379,10 @@ def train_s4(
     names = list(languages)
     collator = collator_for(task, tokenizer)
     train_sets = [languages[lang].dataset(tokenizer, labels, options.max_length) for lang in names]
+    metric = TASK_METRICS[task]
+    args = options.training_arguments(str(output_dir), metric=metric, greater_is_better=True)
+    args = dataclasses.replace(args, remove_unused_columns=False)
+    model.to(args.device)  # before the masks and supports, whose tensors live on the parameters' device
     if mask in ("importance", "random"):
         masks = language_masks(model, dict(zip(names, train_sets)), collator, density, random=mask == "random",
                                seed=options.seed, batch_size=options.batch_size)
@@ -382,9 +393,6 @@ def train_s4(
     supports = [Support(model, masks[lang]) for lang in names]
     model.train()
 
-    metric = TASK_METRICS[task]
-    args = options.training_arguments(str(output_dir), metric=metric, greater_is_better=True)
-    args = dataclasses.replace(args, remove_unused_columns=False)
     data = {"train_dataset": LanguageTaggedDataset(train_sets)}
     if dev is not None:
         data["eval_dataset"] = LanguageTaggedDataset([dev.dataset(tokenizer, labels, options.max_length)])
@@ -394,8 +402,11 @@ def train_s4(
     trainer = S4Trainer(model=model, args=args, support=union_support, language_supports=supports,
                         exact_updates=exact_updates, prune_with=[masks[lang] for lang in names] if pruning else None,
                         data_collator=collator, **data, **options.trainer_kwargs())
-    result = trainer.train()
-    trainer.remove_hooks()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.revert_language()  # never leave the model pruned, even when training fails
+        trainer.remove_hooks()
     tuned = trainer.model
     update = sparse_difference(tuned, None, union_support)
 
@@ -442,6 +453,8 @@ def pruned_delta(delta: SparseDelta, base: nn.Module, language: str, name: str |
     `base`: the base model with the task's head (weights as pretrained). The result is named
     `name` (default `TASK-LANGUAGE`) and keeps only `language`'s masks.
     """
+    if not delta.config.method.get("pruning"):
+        raise ValueError(f"delta {delta.name!r} was not trained with pruning: it is one network for every language")
     if delta.subnetworks is None or language not in delta.subnetworks:
         have = ", ".join(delta.subnetworks or []) or "none"
         raise ValueError(f"delta {delta.name!r} has no sub-network mask for {language!r} (it has: {have})")
@@ -454,7 +467,8 @@ def pruned_delta(delta: SparseDelta, base: nn.Module, language: str, name: str |
     result = SparseDelta.from_models(
         base, network, base_id=config.base_model.id, base_revision=config.base_model.revision, kind="task",
         task=name or f"{config.task}-{language}", task_type=config.task_type, labels=config.labels,
-        method={**config.method, "network_of": language}, training=config.training, metrics=config.metrics,
+        method={**config.method, "network_of": language}, training=copy.deepcopy(config.training),
+        metrics=dict(config.metrics),
         lineage={**config.lineage, "pruned_from": {"name": delta.name, "created_at": config.created_at}},
         license=config.license,
     )
