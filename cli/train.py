@@ -196,8 +196,10 @@ def _train_s4(store, base, task, adapt, langs, train_dir, shots, mask_kind, prun
     from sftstore.train.s4 import pruned_delta, train_s4
     from sftstore.train.task import TaskData
 
-    if not (adapt and langs and train_dir and density):
-        raise click.UsageError("--method s4 needs --from TASK_DELTA, --langs, --train-dir and --density")
+    if not (adapt and langs and train_dir):
+        raise click.UsageError("--method s4 needs --from TASK_DELTA, --langs and --train-dir")
+    if mask_kind in ("importance", "random") and not density:
+        raise click.UsageError(f"--mask {mask_kind} needs --density (the sub-network ratio p)")
     if pruning and dev_files:
         raise click.UsageError("--pruning trains one network per language: a --dev set cannot pick the checkpoint")
     source = store.resolve(DeltaRef.parse(adapt, "task"), base)

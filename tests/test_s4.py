@@ -308,3 +308,14 @@ def test_cli_train_task_s4(tmp_path, tiny_bert_dir):
     stored = json.loads(result.stdout)
     assert [v["ref"] for v in stored] == ["task/ner-p-hau@1", "task/ner-p-en@1"]
     assert list(DeltaStore().load("task/ner-p-en").subnetworks) == ["en"]
+
+    common = ["train-task", "--base", str(tiny_bert_dir), "--task", "ner", "--from", "task/ner", "--langs", "hau",
+              "--train-dir", str(train_dir), "--shots", "4", "--max-steps", "1", "--batch-size", "4", "--max-length",
+              "32", "--no-progress", "--cpu"]
+    fc = CliRunner().invoke(cli, [*common, "--method", "s4", "--mask", "fc", "--name", "ner-fc"])  # no --density
+    assert fc.exit_code == 0, fc.output
+    assert DeltaStore().load("task/ner-fc").config.method["density"] is None
+    needs_density = CliRunner().invoke(cli, [*common, "--method", "s4"])
+    assert needs_density.exit_code != 0 and "--mask importance needs --density" in needs_density.output
+    not_s4 = CliRunner().invoke(cli, [*common, "--pruning", "--train", str(train_dir / "en" / "train.txt")])
+    assert not_s4.exit_code != 0 and "--pruning is an S4-Tuning ablation" in not_s4.output

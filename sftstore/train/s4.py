@@ -337,7 +337,7 @@ def train_s4(
     callable returning a fresh base model with the task's head (then give `tokenizer`). `dev`: a
     dev set scored every `options.eval_steps` to keep the best checkpoint (None: keep the last).
     `mask`: one of `MASK_KINDS` (see the module's docstring); the random masks' seed is
-    `options.seed`. `pruning`: the Pruning ablation; use `pruned_delta` for each language's network.
+    `options.seed`; `density` is ignored by the fixed masks (full, fc, fc-pooler). `pruning`: the Pruning ablation; use `pruned_delta` for each language's network.
     """
     started = time.time()
     if not languages:
@@ -421,7 +421,7 @@ def train_s4(
         base_model, tuned, masks=output_masks, base_id=base_id,
         base_revision=revision or task_delta.config.base_model.revision,
         kind="task", task=name or task_delta.config.task or task, task_type=task_type, labels=labels,
-        method={"name": "s4", "density": density, "languages": names, "mask": mask, "pruning": pruning,
+        method={"name": "s4", "density": density if mask in ("importance", "random") else None, "languages": names, "mask": mask, "pruning": pruning,
                 "exact_updates": exact_updates, "seed": options.seed},
         training={
             "data": {"train": {lang: describe_files(languages[lang].files) for lang in names},
