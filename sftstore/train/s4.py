@@ -170,9 +170,10 @@ class S4Trainer(MultiSourceTrainer):
         self._others: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         self._saved: dict[str, torch.Tensor] = {}
         super().__init__(*args, language_deltas=[], **kwargs)
-        if self.prune_with is not None:  # per language: the entries to zero, on the model's device (all-True masks prune nothing)
+        if self.prune_with is not None:  # per language, the entries to zero, on the model's device
             device = _model_device(self.model)
-            self._prunable = [{n: ~m.to(device) for n, m in masks.items() if not bool(m.all())} for masks in self.prune_with]
+            self._prunable = [{n: ~m.to(device) for n, m in masks.items() if not bool(m.all())}
+                              for masks in self.prune_with]
         union = self.support.indices if self.support is not None else {}
         for support in self.language_supports:
             for name, indices in support.indices.items():
