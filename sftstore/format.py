@@ -102,16 +102,21 @@ def artifact_files(delta: SparseDelta) -> dict[str, bytes]:
     return files
 
 
-def save_delta(delta: SparseDelta, directory: str | os.PathLike) -> Path:
-    """Write the artifact files into `directory` (created if needed), each atomically."""
+def write_artifact(files: dict[str, bytes], directory: str | os.PathLike) -> Path:
+    """Write artifact files (by name, in writing order) into `directory` (created if needed), each
+    atomically, removing a masks file the new manifest does not bind."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    files = artifact_files(delta)
     if MASKS_FILE not in files:
-        (directory / MASKS_FILE).unlink(missing_ok=True)  # a stale one would not match the new manifest
+        (directory / MASKS_FILE).unlink(missing_ok=True)
     for name, data in files.items():
         atomic_write_bytes(directory / name, data)
     return directory
+
+
+def save_delta(delta: SparseDelta, directory: str | os.PathLike) -> Path:
+    """Write the artifact files of `delta` into `directory`."""
+    return write_artifact(artifact_files(delta), directory)
 
 
 def load_delta(directory: str | os.PathLike, device: torch.device | str = "cpu") -> SparseDelta:

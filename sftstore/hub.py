@@ -1,8 +1,9 @@
 """Sharing through the Hugging Face Hub: push a stored version, pull a repository into the store.
 
 One Hub repository holds one delta (base, kind, name); each stored version becomes one commit
-(its artifact files: tensors, manifest, model card, and the masks file if it has one) tagged `v<N>`. The token comes from the usual places (`token=`,
-`HF_TOKEN`, `hf auth login`) and the endpoint from `HF_ENDPOINT`, as in `huggingface_hub`.
+(its artifact files: tensors, manifest, model card, and the masks file if it has one) tagged
+`v<N>`. The token comes from the usual places (`token=`, `HF_TOKEN`, `hf auth login`) and the
+endpoint from `HF_ENDPOINT`, as in `huggingface_hub`.
 """
 
 from __future__ import annotations

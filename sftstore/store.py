@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from ._io import atomic_write_bytes, fsync_dir
 from .delta import SparseDelta
 from .errors import RefNotFoundError, StoreError
-from .format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, artifact_files, load_delta, read_delta, read_manifest
+from .format import (
+    CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, artifact_files, load_delta, read_delta, read_manifest, write_artifact,
+)
 from .naming import LATEST, DeltaRef, kind_prefix, validate_alias
 from .settings import store_home
 
@@ -325,13 +327,7 @@ class DeltaStore:
     def export(self, ref: str | DeltaRef, directory: str | os.PathLike, base: str | None = None) -> Path:
         """Write a stored version out as an artifact directory (the same files that were stored)."""
         version = self.resolve(ref, base)
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if MASKS_FILE not in version.blobs:
-            (directory / MASKS_FILE).unlink(missing_ok=True)  # a stale one would not match the manifest
-        for file_name, sha in version.blobs.items():
-            atomic_write_bytes(directory / file_name, self.blob_path(sha).read_bytes())
-        return directory
+        return write_artifact({name: self.blob_path(sha).read_bytes() for name, sha in version.blobs.items()}, directory)
 
     # ---- changing -----------------------------------------------------------------------------
 
