@@ -9,17 +9,26 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .base_ids import canonical_base_id
 from .errors import SftError
+from .languages import equivalent_codes
 from .naming import KINDS, validate_name
 
 SCHEMA_VERSION = 1
 FORMATS = ("sftstore", "composable-sft")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _REQUIRED = ("base_model", "kind", "name", "repo_id", "revision", "format", "source", "verified")
+COMPOSABLE_TASK_TYPES = ("token-classification", "sequence-classification")
+_UNSUPPORTED_TASK_TYPES = {
+    "dependency-parsing": "dependency parsing: not supported by compose "
+                          "(composable-sft's biaffine parser head has no transformers model class)",
+    "question-answering": "question answering: not supported by compose yet",
+}
 
 
 class RegistryError(SftError, ValueError):
@@ -46,8 +55,34 @@ class RegistryEntry:
     def matches(self, name: str) -> bool:
         return name == self.name or name in self.aliases
 
+    def serves_base(self, base: str) -> bool:
+        """Whether this entry is for `base`, under any of its Hub ids."""
+        return canonical_base_id(self.base_model) == canonical_base_id(base)
+
+    def matches_language(self, code: str) -> bool:
+        """Whether this language entry serves `code` or an equivalent ISO 639 code (`ha` for `hau`)."""
+        return self.kind == "language" and any(self.matches(c) for c in equivalent_codes(code))
+
+    @property
+    def unsupported(self) -> str | None:
+        """None when `sft compose` can use this entry, else a one-line reason, `WHAT: WHY`."""
+        if self.kind == "language" or (self.format == "sftstore" and self.task_type is None):
+            return None  # an sftstore artifact says its task type and labels itself
+        if self.task_type not in COMPOSABLE_TASK_TYPES:
+            generic = f"task type {self.task_type or 'unknown'}: not supported by compose"
+            return _UNSUPPORTED_TASK_TYPES.get(self.task_type, generic)
+        if not self.labels and self.format == "composable-sft":
+            return f"labels unknown: the registry records no {self.task_type} labels; pass --labels"
+        return None
+
+    def unsupported_with(self, labels: Sequence[str] | None = None) -> str | None:
+        """`unsupported`, except that `labels` given by the user stand in for a task's unrecorded ones."""
+        if labels and self.kind == "task" and self.task_type in COMPOSABLE_TASK_TYPES:
+            return None
+        return self.unsupported
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "unsupported": self.unsupported}
 
 
 @dataclass
@@ -56,8 +91,11 @@ class Registry:
     path: Path | None = None
 
     def find(self, base: str, kind: str, name: str) -> RegistryEntry | None:
-        """The entry serving (base, kind, name), by name or alias."""
-        return next((e for e in self.entries if e.base_model == base and e.kind == kind and e.matches(name)), None)
+        """The entry serving (base under any Hub id, kind, name), by name or alias; for a language also by an
+        equivalent ISO 639 code, an exact name winning."""
+        candidates = [e for e in self.entries if e.kind == kind and e.serves_base(base)]
+        names = equivalent_codes(name) if kind == "language" else (name,)
+        return next((e for n in names for e in candidates if e.matches(n)), None)
 
     def find_repo(self, repo_id: str) -> RegistryEntry | None:
         """The entry for a Hub repository id."""
@@ -66,11 +104,11 @@ class Registry:
     def search(self, base: str | None = None, lang: str | None = None, task: str | None = None) -> list[RegistryEntry]:
         """Entries for `base` (any if None), for language `lang` and/or task `task`."""
         def wanted(entry: RegistryEntry) -> bool:
-            if base is not None and entry.base_model != base:
+            if base is not None and not entry.serves_base(base):
                 return False
             if lang is None and task is None:
                 return True
-            return (lang is not None and entry.kind == "language" and entry.matches(lang)) or (
+            return (lang is not None and entry.matches_language(lang)) or (
                 task is not None and entry.kind == "task" and entry.matches(task)
             )
 
@@ -130,7 +168,7 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
     for position, raw in enumerate(data["entries"]):
         entry = _entry(raw, f"{path}: entry {position}")
         for name in (entry.name, *entry.aliases):
-            key = (entry.base_model, entry.kind, name)
+            key = (canonical_base_id(entry.base_model), entry.kind, name)
             if key in seen:
                 raise RegistryError(f"{path}: entry {position} ({entry.repo_id}) and entry {seen[key]} both serve {key}")
             seen[key] = position

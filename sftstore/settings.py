@@ -15,6 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .base_ids import canonical_base_id
 from .errors import SftError
 
 
@@ -43,6 +44,6 @@ def default_base() -> str | None:
 
 
 def base_key(base: str | os.PathLike) -> str:
-    """How the store files deltas under a base: its Hub id, or the absolute path of a local directory."""
+    """How the store files deltas under a base: its (legacy) Hub id, or the absolute path of a local directory."""
     base = os.fspath(base)
-    return os.path.abspath(base) if os.path.isdir(base) else base
+    return os.path.abspath(base) if os.path.isdir(base) else canonical_base_id(base)
