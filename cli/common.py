@@ -2,27 +2,66 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import click
 from rich.console import Console
 
 from sftstore import SftError
+from sftstore.network import network_cause, network_error
 from sftstore.settings import base_key, config_path, default_base
 from sftstore.store import DeltaStore
 
 console = Console()
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+TOKEN_OPTION = click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the token of `hf auth login`).")
+LABELS_OPTION = click.option(
+    "--labels", callback=lambda ctx, param, value: value.split(",") if value else None, metavar="A,B,...",
+    help="A published composable-sft task delta's label names, in head order (default: the registry's).",
+)
 
 
 class SftGroup(click.Group):
-    """Turns library errors into one clean line on stderr and exit status 1."""
+    """Turns every failure into one clean line on stderr and exit status 1 (`SFTSTORE_DEBUG=1`: the traceback)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except SftError as exc:
-            raise click.ClickException(str(exc)) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("SFTSTORE_DEBUG"):
+                raise
+            raise click.ClickException(explain(exc)) from None
+
+
+def explain(exc: Exception) -> str:
+    """One line that says what went wrong and what to do."""
+    if isinstance(exc, SftError):
+        return str(exc)
+    cause = network_cause(exc)
+    if cause is not None:
+        return str(network_error("the Hub", cause))
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = _OS_HINTS.get(exc.errno, "")
+        return f"{where}{exc.strerror}{hint}"
+    if isinstance(exc, ValueError) and "null byte" in str(exc):
+        return "a path or name contains a NUL byte, which no file name can hold"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
+    return (f"unexpected {type(exc).__name__}: {first_line} (a bug in sftstore: run again with SFTSTORE_DEBUG=1 "
+            "for the traceback and report it)")
+
+
+_OS_HINTS = {
+    errno.ENOSPC: " (the disk is full: free some space and run again; nothing half-written was kept)",
+    errno.EACCES: " (check the permissions, or choose another place)",
+    errno.EROFS: " (the file system is read-only: choose another place)",
+    errno.ENOENT: " (check the path)",
+    errno.ENOTDIR: " (a part of the path is a file, not a directory: choose another place)",
+}
 
 
 def base_option(required: bool = False):

@@ -12,8 +12,9 @@ from torch import nn
 
 from ._io import atomic_write_text
 from .delta import AppliedDelta, SparseDelta
-from .errors import BaseModelMismatchError
-from .modeling import BaseFingerprint, fingerprint, load_model
+from .errors import BaseModelMismatchError, SftError
+from .modeling import BaseFingerprint, fingerprint, load_model, load_tokenizer
+from .network import NetworkError
 from .settings import base_key
 
 _DTYPES = {
@@ -147,11 +148,11 @@ class ComposedModel:
 
 
 def _load_tokenizer(base: str | os.PathLike, revision: str | None):
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(base), revision=revision)
-    except (OSError, ValueError):  # a base without tokenizer files still composes
+        return load_tokenizer(base, revision)
+    except NetworkError:
+        raise
+    except SftError:  # a base without tokenizer files still composes
         return None
 
 

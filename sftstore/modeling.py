@@ -8,9 +8,14 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
+
+from .base_ids import is_hub_id
+from .errors import SftError
+from .network import network_cause, network_error
 
 # transformers builds the pooler only for some heads (and initialises it randomly when a checkpoint
 # lacks it), so it is left out of fingerprints; a delta may still touch it when the model has one.
@@ -83,21 +88,60 @@ def model_class_for(task_type: str | None):
         None: transformers.AutoModel,
     }
     if task_type not in classes:
-        raise ValueError(f"unknown task_type {task_type!r}: expected one of {', '.join(TASK_TYPES)}")
+        raise SftError(f"unknown task_type {task_type!r}: expected one of {', '.join(TASK_TYPES)}")
     return classes[task_type]
 
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Hide the load report about a head that the task delta is about to overwrite."""
+    """Hide the load report about a head that the task delta is about to overwrite, and the bar of loading
+    weights that are already on disk (download bars stay)."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+@lru_cache(maxsize=64)
+def _hub_unreachable(base: str, revision: str | None, endpoint: str) -> BaseException | None:
+    """The connection failure that keeps the Hub at `endpoint` from answering for `base`, or None.
+
+    One quick request, so a network failure is reported at once instead of after the download
+    client's retries (about 25 s per file); other answers are left to `from_pretrained` to report.
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(endpoint=endpoint).model_info(base, revision=revision)
+    except Exception as exc:  # anything but a connection failure is for from_pretrained to explain
+        return network_cause(exc)
+    return None
+
+
+@contextlib.contextmanager
+def loading_base(base: str | os.PathLike, revision: str | None = None) -> Iterator[dict]:
+    """Around a `from_pretrained(base)`: yields its extra keyword arguments (the cache only, when the Hub
+    is unreachable) and turns a failure into one `SftError` that says what to do."""
+    from huggingface_hub import constants
+
+    base = os.fspath(base)
+    remote = is_hub_id(base) and not constants.HF_HUB_OFFLINE
+    unreachable = _hub_unreachable(base, revision, constants.ENDPOINT) if remote else None
+    try:
+        yield {"local_files_only": True} if unreachable is not None else {}
+    except (OSError, ValueError) as exc:
+        cause = unreachable or network_cause(exc)
+        if cause is not None:
+            raise network_error(f"base model {base!r}", cause) from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SftError(f"cannot load base model {base!r}: {first_line}") from None
 
 
 def load_model(
@@ -116,6 +160,15 @@ def load_model(
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
         )
-    with _quiet_transformers():
-        model = model_class_for(task_type).from_pretrained(os.fspath(base), **kwargs)
+    model_class = model_class_for(task_type)
+    with _quiet_transformers(), loading_base(base, revision) as hub_kwargs:
+        model = model_class.from_pretrained(os.fspath(base), **kwargs, **hub_kwargs)
     return model.eval()
+
+
+def load_tokenizer(base: str | os.PathLike, revision: str | None = None):
+    """The base model's tokenizer (Hub id or local directory)."""
+    from transformers import AutoTokenizer
+
+    with loading_base(base, revision) as hub_kwargs:
+        return AutoTokenizer.from_pretrained(os.fspath(base), revision=revision, **hub_kwargs)

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+from transformers import DataCollatorForLanguageModeling
 
 from .. import __version__
 from ..delta import SparseDelta, config_for_base
-from ..modeling import load_model
+from ..modeling import load_model, load_tokenizer
 from ..settings import base_key
 from .data import MlmDataset, describe_files, read_text_lines, split_held_out
 from .lt_sft import SparseFineTuningArguments, train_sparse
@@ -56,7 +56,7 @@ def train_language_delta(
 ) -> SparseDelta:
     """Train a language delta on `text_files` (the first `max_lines` lines, if given); return it (not stored)."""
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(base), revision=revision)
+    tokenizer = load_tokenizer(base, revision)
     lines = [line for path in text_files for line in read_text_lines(path)][:max_lines]
     train_lines, held_out = split_held_out(lines, held_out_fraction, seed=options.seed)
     train_set = MlmDataset(train_lines, tokenizer, options.max_length)

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import __version__
 from ..compose import check_base
 from ..delta import SparseDelta
-from ..modeling import base_parameters, fingerprint, load_model
+from ..modeling import base_parameters, fingerprint, load_model, load_tokenizer
 from ..settings import base_key
 from ..subnetworks import SubnetworkMasks
 from .data import describe_files
@@ -366,9 +366,7 @@ def train_s4(
     if tokenizer is None:
         if callable(base):
             raise ValueError("give `tokenizer` when `base` is a model factory")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(base), revision=revision)
+        tokenizer = load_tokenizer(base, revision)
     factory = _as_factory(base, task_type, labels, revision)
     base_id = task_delta.config.base_model.id if callable(base) else base_key(base)
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, DataCollatorForTokenClassification, DataCollatorWithPadding
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
 from .. import __version__
 from ..compose import check_base
 from ..delta import SparseDelta, config_for_base
-from ..modeling import fingerprint, load_model
+from ..modeling import fingerprint, load_model, load_tokenizer
 from ..settings import base_key
 from .data import (
     NER_DEFAULT_LABELS,
@@ -114,7 +114,7 @@ def train_task_delta(
     if multi_source and not len(trains) == len(devs) == len(source_deltas):
         raise ValueError(f"multi-source training needs one train and one dev set per source language delta; got "
                          f"{len(trains)} train, {len(devs)} dev, {len(source_deltas)} deltas")
-    tokenizer = AutoTokenizer.from_pretrained(os.fspath(base), revision=revision)
+    tokenizer = load_tokenizer(base, revision)
     labels = TaskData(task, [e for data in trains for e in data.examples], []).labels()
     train_sets = [data.dataset(tokenizer, labels, options.max_length) for data in trains]
     dev_sets = [data.dataset(tokenizer, labels, options.max_length) for data in devs]
