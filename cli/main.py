@@ -14,7 +14,9 @@ from sftstore import __version__
 from sftstore.naming import DeltaRef
 from sftstore.store import StoredVersion
 
-from .common import JSON_OPTION, SftGroup, print_json, human_size, open_store, base_option, console
+from .common import (
+    JSON_OPTION, LABELS_OPTION, TOKEN_OPTION, SftGroup, base_option, console, human_size, open_store, print_json,
+)
 from .merge import merge_command
 from .overlap import overlap_command
 from .train import eval_command, train_lang, train_task
@@ -87,6 +89,7 @@ def show(ref, base, as_json) -> None:
         if manifest.get(key) not in (None, [], {}):
             details.add_row(key, json.dumps(manifest[key]) if isinstance(manifest[key], (dict, list)) else str(manifest[key]))
     details.add_row("base_model", json.dumps(manifest["base_model"]))
+    details.add_row("manifest_sha256", version.config_sha256)
     details.add_row("source", json.dumps(version.source))
     if subnetworks:
         details.add_row("sub-network masks", ", ".join(f"{lang} ({nnz:,} entries)" for lang, nnz in subnetworks.items()))
@@ -230,8 +233,9 @@ def export(ref, directory, base, fmt) -> None:
 @click.option("--force", is_flag=True, help="Compose even if the base model's fingerprint differs from the deltas'.")
 @click.option("--text", help="Run the composed model's pipeline on this text and print the result.")
 @click.option("--no-pull", is_flag=True, help="Do not pull deltas missing from the store through the registry.")
+@LABELS_OPTION
 @JSON_OPTION
-def compose(base, task, lang, out, device, dtype, force, text, no_pull, as_json) -> None:
+def compose(base, task, lang, out, device, dtype, force, text, no_pull, labels, as_json) -> None:
     """Compose a task and/or language delta onto the base model for zero-shot inference.
 
     Deltas missing from the store are pulled from the Hub when the registry names them.
@@ -244,7 +248,8 @@ def compose(base, task, lang, out, device, dtype, force, text, no_pull, as_json)
     store = open_store()
     refs = [DeltaRef.parse(value, kind) for value, kind in ((task, "task"), (lang, "language")) if value]
     started = time.perf_counter()
-    versions = [resolve_or_pull(store, ref, base, pull=not no_pull) for ref in refs]
+    versions = [resolve_or_pull(store, ref, base, pull=not no_pull, labels=labels if ref.kind == "task" else None)
+                for ref in refs]
     deltas = [store.load(version) for version in versions]
     loaded = time.perf_counter()
     composed = compose_deltas(base, deltas, device=device, dtype=dtype, force=force)
@@ -284,9 +289,6 @@ def _predict(composed, text: str):
     return runner(text)
 
 
-TOKEN_OPTION = click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the token of `hf auth login`).")
-
-
 @cli.command()
 @click.argument("ref")
 @click.option("--repo", required=True, metavar="ORG/NAME", help="Hub repository (created if needed).")
@@ -311,14 +313,16 @@ def push(ref, repo, base, private, token, as_json) -> None:
 @click.argument("repo", metavar="ORG/NAME[@REVISION]")
 @base_option()
 @click.option("--offline", is_flag=True, help="Use only the local Hub cache (as HF_HUB_OFFLINE=1 does).")
+@LABELS_OPTION
 @TOKEN_OPTION
 @JSON_OPTION
-def pull(repo, base, offline, token, as_json) -> None:
+def pull(repo, base, offline, labels, token, as_json) -> None:
     """Pull a delta from the Hub (a tag, branch or commit) into the store, validating it fully."""
     from sftstore.hub import pull_from_hub
 
     repo_id, _, revision = repo.partition("@")
-    result = pull_from_hub(open_store(), repo_id, revision or None, base=base, offline=offline or None, token=token)
+    result = pull_from_hub(open_store(), repo_id, revision or None, base=base, labels=labels, offline=offline or None,
+                           token=token)
     if as_json:
         print_json({**result.version.to_dict(), "created": result.created, "commit": result.commit})
     else:
@@ -327,8 +331,9 @@ def pull(repo, base, offline, token, as_json) -> None:
 
 
 @cli.command()
-@click.option("--base", default=None, help="Only deltas for this base model (Hub id).")
-@click.option("--lang", help="Language code, e.g. hau.")
+@click.option("--base", envvar="SFTSTORE_BASE", default=None,
+              help="Only deltas for this base model (Hub id, legacy or current). Default: $SFTSTORE_BASE.")
+@click.option("--lang", help="Language code, e.g. hau (ISO 639-1 and 639-3 both match: ha, hau).")
 @click.option("--task", help="Task name or alias, e.g. ner.")
 @JSON_OPTION
 def search(base, lang, task, as_json) -> None:
@@ -343,12 +348,16 @@ def search(base, lang, task, as_json) -> None:
         click.echo("No published delta matches.")
         return
     table = Table()
-    for column in ("base", "kind", "name", "aliases", "repo", "revision", "format", "verified"):
+    for column in ("base", "kind", "name", "aliases", "repo", "revision", "format", "verified", "composes"):
         table.add_column(column, no_wrap=column in ("name", "repo"))
     for e in entries:
+        composes = f"no: {e.unsupported.partition(':')[0]}" if e.unsupported else "yes"
         table.add_row(e.base_model, e.kind, e.name, ",".join(e.aliases), e.repo_id, e.revision, e.format,
-                      "yes" if e.verified else "no")
+                      "yes" if e.verified else "no", composes)
     console.print(table)
+    for e in entries:
+        if e.unsupported:
+            click.echo(f"{e.name} ({e.base_model}): {e.unsupported}")
 
 
 @cli.command()

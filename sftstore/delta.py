@@ -379,7 +379,7 @@ class SparseDelta:
     ) -> "SparseDelta":
         """Read and fully validate an artifact: a local directory, or a Hub repository id (`org/name`)."""
         from .format import load_delta
-        from .hub import load_from_hub, looks_like_repo_id
+        from .transfer import load_from_hub, looks_like_repo_id
 
         if looks_like_repo_id(path_or_repo_id):
             return load_from_hub(os.fspath(path_or_repo_id), revision, **hub_kwargs).to(device)
@@ -387,7 +387,7 @@ class SparseDelta:
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None, tag: str | None = None):
         """Upload this delta's artifact to a Hub repository as one commit (tagged `tag` if given)."""
-        from .hub import push_delta
+        from .transfer import push_delta
 
         return push_delta(self, repo_id, private=private, token=token, tag=tag)
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,20 @@ def artifact_files(delta: SparseDelta) -> dict[str, bytes]:
     return files
 
 
+def artifact_identity(manifest: Mapping[str, Any]) -> str:
+    """A digest of what a manifest says, leaving out when it was written (`created_at`): two artifacts
+    with the same tensors and the same identity are the same delta, whenever they were converted."""
+    fields = {key: value for key, value in manifest.items() if key != "created_at"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def complete_artifact(files: Mapping[str, bytes], manifest: Mapping[str, Any]) -> dict[str, bytes]:
+    """An artifact's files in writing order, with a model card rendered from `manifest` if it has none."""
+    ordered = {name: files[name] for name in (TENSORS_FILE, MASKS_FILE, CONFIG_FILE) if name in files}
+    ordered[CARD_FILE] = files.get(CARD_FILE) or render_model_card(dict(manifest)).encode()
+    return ordered
+
+
 def write_artifact(files: dict[str, bytes], directory: str | os.PathLike) -> Path:
     """Write artifact files (by name, in writing order) into `directory` (created if needed), each
     atomically, removing a masks file the new manifest does not bind."""
@@ -119,24 +134,38 @@ def save_delta(delta: SparseDelta, directory: str | os.PathLike) -> Path:
     return write_artifact(artifact_files(delta), directory)
 
 
-def load_delta(directory: str | os.PathLike, device: torch.device | str = "cpu") -> SparseDelta:
-    """Read and validate the artifact in `directory`."""
+def read_artifact(directory: str | os.PathLike) -> dict[str, bytes]:
+    """The bytes of an artifact directory's files: tensors and manifest, masks and model card if present."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DeltaFormatError(f"{directory}: no such artifact directory")
     for name in (TENSORS_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise DeltaFormatError(f"{directory}: missing {name}")
-    masks = directory / MASKS_FILE
-    return read_delta(directory / TENSORS_FILE, directory / CONFIG_FILE, device=device,
-                      masks_path=masks if masks.is_file() else None)
+    names = (TENSORS_FILE, CONFIG_FILE, MASKS_FILE, CARD_FILE)
+    return {name: _read_bytes(directory / name) for name in names if (directory / name).is_file()}
 
 
-def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
-    """Parse and validate a manifest file: the raw dict and its `DeltaConfig`."""
+def load_delta(directory: str | os.PathLike, device: torch.device | str = "cpu") -> SparseDelta:
+    """Read and validate the artifact in `directory`."""
+    return delta_from_files(read_artifact(directory), directory, device)
+
+
+def delta_from_files(files: Mapping[str, bytes], directory: str | os.PathLike, device: torch.device | str = "cpu"
+                     ) -> SparseDelta:
+    """Validate an artifact's files (name -> bytes, as `read_artifact` gives) into a delta; errors name
+    the files as in `directory`."""
+    directory = Path(directory)
+    return parse_delta(files[TENSORS_FILE], files[CONFIG_FILE], files.get(MASKS_FILE), device=device,
+                       tensors_path=directory / TENSORS_FILE, config_path=directory / CONFIG_FILE,
+                       masks_path=directory / MASKS_FILE)
+
+
+def parse_manifest(data: bytes, config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
+    """Parse and validate a manifest's bytes: the raw dict and its `DeltaConfig`."""
     try:
-        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DeltaFormatError(f"{config_path}: not a readable JSON manifest ({exc})") from None
     config = DeltaConfig.from_dict(raw, str(config_path))
     missing = [name for name in DERIVED_FIELDS if name not in raw]
@@ -153,6 +182,11 @@ def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
             f"{config_path}: field 'format_version' is {raw['format_version']!r}; this sftstore reads version {FORMAT_VERSION}"
         )
     return raw, config
+
+
+def read_manifest(config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
+    """Read, parse and validate a manifest file: the raw dict and its `DeltaConfig`."""
+    return parse_manifest(_read_bytes(config_path), config_path)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -172,21 +206,30 @@ def read_delta(
 ) -> SparseDelta:
     """Read a tensors file, its manifest and its masks file if any (possibly store blobs with other
     names) into a validated delta."""
-    raw, config = read_manifest(config_path)
-    if ("masks_sha256" in raw) != (masks_path is not None):
+    masks = _read_bytes(masks_path) if masks_path is not None else None
+    return parse_delta(_read_bytes(tensors_path), _read_bytes(config_path), masks, device=device,
+                       tensors_path=tensors_path, config_path=config_path, masks_path=masks_path)
+
+
+def parse_delta(
+    data: bytes, manifest: bytes, masks_data: bytes | None, *, tensors_path: Path, config_path: Path,
+    masks_path: Path | None = None, device: torch.device | str = "cpu",
+) -> SparseDelta:
+    """Validate a tensors file's bytes, its manifest's and its masks file's (if any) into a delta; errors
+    name the files by the paths given."""
+    raw, config = parse_manifest(manifest, config_path)
+    if ("masks_sha256" in raw) != (masks_data is not None):
         raise DeltaFormatError(
             f"{config_path}: the manifest names a masks file (masks_sha256) but there is no {MASKS_FILE}"
-            if masks_path is None else f"{masks_path}: the manifest {config_path} has no masks_sha256 to verify it by"
+            if masks_data is None else f"{masks_path}: the manifest {config_path} has no masks_sha256 to verify it by"
         )
-    data = _read_bytes(tensors_path)
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())  # overlaps with parsing
         params, head = _parse_tensors(data, tensors_path)
         _check_sha256(digest.result(), raw, "tensors_sha256", tensors_path, config_path)
     validate_tensors(params, head, str(tensors_path))
     subnetworks = None
-    if masks_path is not None:
-        masks_data = _read_bytes(masks_path)
+    if masks_data is not None:
         _check_sha256(hashlib.sha256(masks_data).hexdigest(), raw, "masks_sha256", masks_path, config_path)
         subnetworks = _parse_masks(masks_data, masks_path)
         for name, entry in params.items():

@@ -32,7 +32,8 @@ from ._io import atomic_write_bytes, fsync_dir
 from .delta import SparseDelta
 from .errors import RefNotFoundError, StoreError
 from .format import (
-    CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, artifact_files, load_delta, read_delta, read_manifest, write_artifact,
+    CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, artifact_files, artifact_identity, complete_artifact,
+    delta_from_files, read_artifact, read_delta, read_manifest, write_artifact,
 )
 from .naming import LATEST, DeltaRef, kind_prefix, validate_alias
 from .settings import store_home
@@ -214,13 +215,18 @@ class DeltaStore:
 
     # ---- adding -------------------------------------------------------------------------------
 
-    def add(self, delta: SparseDelta, source: dict[str, Any] | None = None) -> tuple[StoredVersion, bool]:
+    def add(
+        self, delta: SparseDelta, source: dict[str, Any] | None = None, files: dict[str, bytes] | None = None
+    ) -> tuple[StoredVersion, bool]:
         """Store `delta` as the next version of (base, kind, name); return it and whether it is new.
 
-        Adding the bytes of an existing version of the same delta returns that version.
+        `files` are the artifact's own bytes when `delta` was read from them (an import or a pull):
+        they are kept as they are, so the store holds what was published. Adding a delta whose
+        tensors and manifest equal a stored version's, but for `created_at`, returns that version.
         """
-        files = artifact_files(delta)
-        manifest = json.loads(files[CONFIG_FILE])
+        manifest = json.loads(files[CONFIG_FILE]) if files is not None else None
+        files = complete_artifact(files, manifest) if files is not None else artifact_files(delta)
+        manifest = manifest or json.loads(files[CONFIG_FILE])
         shas = {name: self._put_blob(data) for name, data in files.items()}
         base, kind, name = delta.config.base_model.id, delta.kind, delta.name
         with self._write() as db:
@@ -231,11 +237,9 @@ class DeltaStore:
             delta_id, last = db.execute(
                 "SELECT id, last_version FROM deltas WHERE base=? AND kind=? AND name=?", (base, kind, name)
             ).fetchone()
-            existing = db.execute(
-                "SELECT version FROM versions WHERE delta_id=? AND tensors_sha256=? AND config_sha256=?",
-                (delta_id, shas[TENSORS_FILE], shas[CONFIG_FILE]),
-            ).fetchone()
-            if existing is None:
+            version = self._same_content(db, delta_id, shas, artifact_identity(manifest))
+            created = version is None
+            if created:
                 version = last + 1
                 db.execute("UPDATE deltas SET last_version=? WHERE id=?", (version, delta_id))
                 db.execute(
@@ -247,14 +251,27 @@ class DeltaStore:
                         _now(), json.dumps(source or {"type": "python"}),
                     ),
                 )
-            else:
-                version = existing[0]
-        return self._get(base, kind, name, version), existing is None
+        return self._get(base, kind, name, version), created
+
+    def _same_content(self, db: sqlite3.Connection, delta_id: int, shas: dict[str, str], identity: str) -> int | None:
+        """The stored version with these tensors and masks whose manifest has this identity, if any."""
+        rows = db.execute(
+            "SELECT version, config_sha256 FROM versions WHERE delta_id=? AND tensors_sha256=? AND masks_sha256 IS ?",
+            (delta_id, shas[TENSORS_FILE], shas.get(MASKS_FILE)),
+        ).fetchall()
+        for version, config_sha in rows:
+            if config_sha == shas[CONFIG_FILE]:
+                return version
+            with contextlib.suppress(OSError, ValueError):
+                if artifact_identity(json.loads(self.blob_path(config_sha).read_bytes())) == identity:
+                    return version
+        return None
 
     def import_directory(self, directory: str | os.PathLike) -> tuple[StoredVersion, bool]:
-        """Validate an artifact directory and add it, recording where it came from."""
-        delta = load_delta(directory)
-        return self.add(delta, source={"type": "import", "path": os.path.abspath(directory)})
+        """Validate an artifact directory and add it, its files byte for byte, recording where it came from."""
+        files = read_artifact(directory)
+        delta = delta_from_files(files, directory)
+        return self.add(delta, source={"type": "import", "path": os.path.abspath(directory)}, files=files)
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -407,7 +424,9 @@ class DeltaStore:
     # ---- maintenance --------------------------------------------------------------------------
 
     def verify(self, progress: bool = False) -> list[Damage]:
-        """Re-hash every referenced blob; report missing or damaged files and manifests that disagree."""
+        """Re-hash every referenced blob (the manifest's too: `config_sha256` is its own sha256); report missing
+        or damaged files, manifests that disagree with the index, and pulled files that differ from what the
+        Hub published."""
         damage = []
         for version in tqdm(self.list(), desc="verifying", unit="version", disable=not progress):
             for file_name, sha in version.blobs.items():
@@ -419,6 +438,10 @@ class DeltaStore:
                     actual = hashlib.file_digest(handle, "sha256").hexdigest()
                 if actual != sha:
                     damage.append(Damage(version.ref, version.base, file_name, f"content hashes to {actual}, not {sha}"))
+            for file_name, published in (version.source.get("files_sha256") or {}).items():
+                if file_name in version.blobs and version.blobs[file_name] != published:
+                    damage.append(Damage(version.ref, version.base, file_name,
+                                         f"the index records {version.blobs[file_name]}, not the published {published}"))
             try:
                 manifest = self.manifest(version)
                 for field_name, indexed in (("tensors_sha256", version.tensors_sha256), ("masks_sha256", version.masks_sha256)):

@@ -136,6 +136,9 @@ class HubServer:
               (also settable later: `server.require_auth = True`).
       initial_commit: when true (default, as on the Hub), a new repository starts with one commit
               holding `.gitattributes` on branch `main`; otherwise with one empty commit.
+      lfs_suffixes: files whose path ends with one of these are served as the Hub serves LFS files
+              (also settable later): their sha256 as ETag, and `lfs` {sha256/oid, size, pointerSize}
+              with the pointer file's git blob id in repository info and tree listings.
 
     Test hooks: `requests`, `request_bodies`, `paths()`, `clear_requests()`, `find(text)`,
     `commits(repo_id)`, `files(repo_id)`, `refs(repo_id)`, `create_repo()`, `set_private()`, `grant()`,
@@ -143,10 +146,11 @@ class HubServer:
     """
 
     def __init__(self, *, tokens: dict[str, str] | None = None, require_auth: bool = False,
-                 initial_commit: bool = True, start: bool = True):
+                 initial_commit: bool = True, lfs_suffixes: tuple[str, ...] = (), start: bool = True):
         self.tokens: dict[str, str] = dict(tokens) if tokens is not None else {DEFAULT_TOKEN: DEFAULT_USER}
         self.require_auth = require_auth
         self.initial_commit = initial_commit
+        self.lfs_suffixes = lfs_suffixes
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -527,7 +531,7 @@ class HubServer:
         for path in sorted(commit.files):
             sibling: dict = {"rfilename": path}
             if with_blobs:
-                sibling.update(size=len(commit.files[path]), blobId=git_blob_sha1(commit.files[path]))
+                sibling.update(self._file_ids(path, commit.files[path], lfs_key="sha256"))
             siblings.append(sibling)
         info = {
             "_id": hashlib.sha1(f"{repo_type}/{repo_id}".encode()).hexdigest()[:24],
@@ -576,8 +580,8 @@ class HubServer:
                 entries[folder] = {"type": "directory", "path": folder,
                                    "oid": hashlib.sha1(f"tree {commit_id} {folder}".encode()).hexdigest()}
             if recursive or len(parts) == 1:
-                entries[file_path] = {"type": "file", "path": file_path, "size": len(data),
-                                      "oid": git_blob_sha1(data)}
+                ids = self._file_ids(file_path, data, lfs_key="oid")
+                entries[file_path] = {"type": "file", "path": file_path, "oid": ids.pop("blobId"), **ids}
         return _json([entries[p] for p in sorted(entries)])
 
     def _preupload(self, repo_type: str, repo_id: str, revision: str, payload: dict, who) -> _Response:
@@ -668,6 +672,18 @@ class HubServer:
         repo.branches[name] = self._resolve(repo, payload.get("startingPoint") or "main")
         return _json({})
 
+    def _is_lfs(self, path: str) -> bool:
+        return bool(self.lfs_suffixes) and path.endswith(tuple(self.lfs_suffixes))
+
+    def _file_ids(self, path: str, data: bytes, *, lfs_key: str) -> dict:
+        """`size` and `blobId` of a file; for an LFS file the pointer's blob id and `lfs` (sha256 under `lfs_key`)."""
+        if not self._is_lfs(path):
+            return {"size": len(data), "blobId": git_blob_sha1(data)}
+        sha256 = hashlib.sha256(data).hexdigest()
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
+        return {"size": len(data), "blobId": git_blob_sha1(pointer),
+                "lfs": {lfs_key: sha256, "size": len(data), "pointerSize": len(pointer)}}
+
     def _resolve_file(self, method: str, repo_type: str, repo_id: str, revision: str, filename: str,
                       headers: dict[str, str], who) -> _Response:
         repo = self._readable(repo_type, repo_id, who)
@@ -678,7 +694,8 @@ class HubServer:
                             headers={"X-Repo-Commit": commit_id})
         original = files[filename]
         served = self._tampered.get((repo_type, repo_id, filename), original)
-        out = {"X-Repo-Commit": commit_id, "ETag": f'"{git_blob_sha1(original)}"', "Accept-Ranges": "bytes",
+        etag = hashlib.sha256(original).hexdigest() if self._is_lfs(filename) else git_blob_sha1(original)
+        out = {"X-Repo-Commit": commit_id, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                "Content-Type": "application/octet-stream"}
         if method == "HEAD":
             return _Response(200, served, out, head_length=len(original))

@@ -6,20 +6,24 @@ The real `huggingface_hub` client does the talking (fixtures `hub_server` / `hub
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
 import pytest
+import torch
 from click.testing import CliRunner
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard
 
-from sftstore import BaseModelMismatchError, DeltaFormatError, RefNotFoundError, SparseDelta
+from sftstore import BaseModelMismatchError, RefNotFoundError, SparseDelta
 from sftstore.demo import NER_LABELS, synthetic_delta
-from sftstore.format import CARD_FILE, CONFIG_FILE, TENSORS_FILE
-from sftstore.hub import HubError, pull_from_hub, push_to_hub
-from sftstore.interop import to_composable_sft
-from sftstore.modeling import load_model
+from sftstore.format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE
+from sftstore.hub import pull_from_hub, push_to_hub
+from sftstore.interop import COMPOSABLE_SFT_FILE, to_composable_sft
+from sftstore.modeling import base_parameters, load_model
 from sftstore.store import DeltaStore
+from sftstore.subnetworks import SubnetworkMasks
+from sftstore.transfer import HubError
 from sftstore_cli.main import cli
 
 REPO = "tester/tiny-lang-hau"
@@ -82,7 +86,11 @@ def test_push_v2_then_pull_v1_by_tag_and_by_commit(hub_env, store, tmp_path, mon
     pulled = pull_from_hub(remote, REPO, "v1")
     assert pulled.created and pulled.commit == v1.commit
     assert pulled.version.tensors_sha256 == expected[1]
-    assert pulled.version.source == {"type": "hub", "repo_id": REPO, "revision": "v1", "commit": v1.commit}
+    published = {name: hashlib.sha256(data).hexdigest() for name, data in hub_env.server.files(REPO, "v1").items()
+                 if name != ".gitattributes"}
+    assert pulled.version.source == {"type": "hub", "repo_id": REPO, "revision": "v1", "commit": v1.commit,
+                                     "files_sha256": published}
+    assert pulled.version.config_sha256 == published[CONFIG_FILE]  # the published bytes, kept as they are
     by_sha = pull_from_hub(remote, REPO, v2.commit)
     assert by_sha.version.tensors_sha256 == expected[2] and by_sha.version.version == 2
     latest = pull_from_hub(remote, REPO)
@@ -129,16 +137,61 @@ def test_missing_repository_and_revision(hub_env, store):
         pull_from_hub(store, REPO, "v7")
 
 
-def test_a_tampered_download_is_refused_and_nothing_stored(hub_env, store, tmp_path, monkeypatch):
-    push_to_hub(store, "lang/hau@1", REPO)
-    original = hub_env.server.files(REPO)[TENSORS_FILE]
-    corrupted = bytearray(original)
-    corrupted[-1] ^= 0x01  # same length: the client itself does not notice
-    hub_env.server.tamper(REPO, TENSORS_FILE, bytes(corrupted))
+def _same_size_change(name: str, data: bytes) -> bytes:
+    """A tampered copy of an artifact file, as long as the original (the download client cannot tell)."""
+    if name == CONFIG_FILE:
+        return data.replace(b'"task": "ner"', b'"task": "pos"')  # a manifest saying another task
+    if name == CARD_FILE:
+        return data.replace(b"sparse-fine-tuning", b"sparse-fine-tuned!", 1)
+    changed = bytearray(data)
+    changed[-1] ^= 0x01
+    return bytes(changed)
+
+
+@pytest.mark.parametrize("lfs", [False, True], ids=["regular", "lfs"])
+@pytest.mark.parametrize("name", [TENSORS_FILE, CONFIG_FILE, CARD_FILE, MASKS_FILE])
+def test_every_downloaded_file_is_checked_against_the_hubs_hash(hub_env, base_model, tmp_path, monkeypatch, name, lfs):
+    if lfs:  # the server advertises each file's sha256 (lfs.sha256, ETag) as the Hub does for LFS files
+        hub_env.server.lfs_suffixes = (".safetensors", ".json", ".md")
+    delta = synthetic_delta(base_model, 0.05, 4, kind="task", task="ner", task_type="token-classification",
+                            labels=NER_LABELS)
+    delta.subnetworks = SubnetworkMasks.from_bool(
+        {"hau": {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.1
+                 for n, p in base_parameters(base_model).items()}})
+    DeltaStore().add(delta)
+    push_to_hub(DeltaStore(), "task/ner", "tester/ner")
+    original = hub_env.server.files("tester/ner")[name]
+    tampered = _same_size_change(name, original)
+    assert tampered != original and len(tampered) == len(original)
+    hub_env.server.tamper("tester/ner", name, tampered)
     remote = other_store(tmp_path, monkeypatch)
-    with pytest.raises(DeltaFormatError, match="does not match the manifest's tensors_sha256"):
-        pull_from_hub(remote, REPO, "v1")
+    with pytest.raises(HubError, match=f"{name} does not match the hash the Hub reports.*nothing stored"):
+        pull_from_hub(remote, "tester/ner", "v1")
     assert remote.list() == [] and list(remote.blobs_dir.iterdir()) == []
+
+
+def test_an_offline_pull_checks_the_cached_files(hub_env, store, tmp_path, monkeypatch):
+    push_to_hub(store, "lang/hau@1", REPO)
+    pull_from_hub(other_store(tmp_path, monkeypatch, "first"), REPO, "v1")
+    cached = next(hub_env.cache_dir.glob(f"models--tester--tiny-lang-hau/snapshots/*/{CONFIG_FILE}")).resolve()
+    cached.write_bytes(cached.read_bytes().replace(b'"language": "hau"', b'"language": "yor"'))
+    hub_env.set_offline()
+    offline_store = other_store(tmp_path, monkeypatch, "second")
+    with pytest.raises(HubError, match=f"{CONFIG_FILE} does not match the hash the Hub reports"):
+        pull_from_hub(offline_store, REPO, "v1")
+    assert offline_store.list() == []
+
+
+def test_verify_finds_a_pulled_file_that_is_no_longer_what_the_hub_published(hub_env, store, tmp_path, monkeypatch):
+    push_to_hub(store, "lang/hau@1", REPO)
+    remote = other_store(tmp_path, monkeypatch)
+    version = pull_from_hub(remote, REPO, "v1").version
+    blob = remote.blob_path(version.config_sha256)
+    blob.write_bytes(blob.read_bytes().replace(b'"language": "hau"', b'"language": "yor"'))
+    result = CliRunner().invoke(cli, ["verify", "--json"])
+    assert result.exit_code == 1
+    assert [(d["file"], d["problem"].split(",")[0]) for d in json.loads(result.output)] == [
+        (CONFIG_FILE, f"content hashes to {hashlib.sha256(blob.read_bytes()).hexdigest()}")]
 
 
 def test_a_delta_for_another_base_is_refused(hub_env, store, tmp_path, monkeypatch):
@@ -229,3 +282,154 @@ def test_compose_converts_a_published_composable_sft_delta(hub_env, base_model, 
     for name, param in published.params.items():
         assert pulled.params[name].indices.tolist() == param.indices.tolist()
         assert pulled.params[name].values.tolist() == param.values.tolist()
+
+
+def publish_composable_sft(hub_env, delta, repo_id, tmp_path):
+    """Upload `delta` as a composable-sft repository (`pytorch_diff.bin`), as cambridgeltl publishes them."""
+    directory = tmp_path / repo_id.replace("/", "--")
+    to_composable_sft(delta, directory, "bert")
+    hub_env.api().create_repo(repo_id)
+    hub_env.api().upload_folder(repo_id=repo_id, folder_path=str(directory))
+
+
+def test_a_tampered_composable_sft_file_is_refused(hub_env, base_model, tiny_bert_dir, tmp_path, monkeypatch):
+    publish_composable_sft(hub_env, synthetic_delta(base_model, 0.05, 8, kind="language", language="hau"),
+                           "cambridge/hau", tmp_path)
+    registry_file(tmp_path, monkeypatch, [entry(tiny_bert_dir.resolve(), "language", "hau", "cambridge/hau",
+                                                fmt="composable-sft")])
+    hub_env.server.tamper("cambridge/hau", COMPOSABLE_SFT_FILE,
+                          _same_size_change(COMPOSABLE_SFT_FILE, hub_env.server.files("cambridge/hau")[COMPOSABLE_SFT_FILE]))
+    with pytest.raises(HubError, match=f"{COMPOSABLE_SFT_FILE} does not match the hash the Hub reports"):
+        pull_from_hub(DeltaStore(), "cambridge/hau")
+    assert DeltaStore().list() == []
+
+
+def test_pulling_a_composable_sft_repository_again_adds_no_version(hub_env, base_model, tiny_bert_dir, tmp_path,
+                                                                   monkeypatch):
+    publish_composable_sft(hub_env, synthetic_delta(base_model, 0.05, 8, kind="language", language="hau"),
+                           "cambridge/hau", tmp_path)
+    registry_file(tmp_path, monkeypatch, [entry(tiny_bert_dir.resolve(), "language", "hau", "cambridge/hau",
+                                                fmt="composable-sft")])
+    first = pull_from_hub(DeltaStore(), "cambridge/hau")
+    monkeypatch.setattr("sftstore.config.datetime", _Later)  # converted again, a second later
+    again = CliRunner().invoke(cli, ["pull", "cambridge/hau"])
+    assert first.created and again.exit_code == 0, again.output
+    assert "already stored as lang/hau@1 " in again.output
+    assert [v.ref for v in DeltaStore().list()] == ["lang/hau@1"]
+
+
+class _Later:
+    """`datetime` one day ahead: conversions then record another `created_at`."""
+
+    @staticmethod
+    def now(tz=None):
+        from datetime import datetime, timedelta
+
+        return datetime.now(tz) + timedelta(days=1)
+
+
+def test_importing_a_composable_sft_directory_again_adds_no_version(base_model, tiny_bert_dir, tmp_path, monkeypatch):
+    directory = tmp_path / "sft"
+    to_composable_sft(synthetic_delta(base_model, 0.05, 8, kind="language", language="hau"), directory, "bert")
+    command = ["import", str(directory), "--base", str(tiny_bert_dir), "--lang", "hau"]
+    first = CliRunner().invoke(cli, command)
+    monkeypatch.setattr("sftstore.config.datetime", _Later)
+    again = CliRunner().invoke(cli, command)
+    assert "added lang/hau@1 " in first.output and "already stored as lang/hau@1 " in again.output
+    assert len(DeltaStore().list()) == 1
+
+
+def test_registry_names_resolve_the_same_with_and_without_pull_and_are_never_pulled_twice(
+        hub_env, base_model, tiny_bert_dir, tmp_path, monkeypatch):
+    base = str(tiny_bert_dir.resolve())
+    publish_composable_sft(hub_env, synthetic_delta(base_model, 0.05, 8, kind="language", language="hau"),
+                           "cambridge/hau", tmp_path)
+    task = synthetic_delta(base_model, 0.05, 9, kind="task", task="masakhaner", task_type="token-classification",
+                           labels=NER_LABELS)
+    publish_composable_sft(hub_env, task, "cambridge/masakhaner", tmp_path)
+    registry_file(tmp_path, monkeypatch, [
+        entry(base, "language", "hau", "cambridge/hau", fmt="composable-sft"),
+        entry(base, "task", "masakhaner", "cambridge/masakhaner", fmt="composable-sft", aliases=["ner"],
+              task_type="token-classification", labels=list(NER_LABELS)),
+    ])
+    runner = CliRunner()
+    command = ["compose", "--base", base, "--task", "ner", "--lang", "ha", "--device", "cpu"]  # alias, ISO 639-1
+    first = runner.invoke(cli, command)
+    assert first.exit_code == 0, first.output
+    assert "composed task/masakhaner@1 + lang/hau@1" in first.output
+    hub_env.server.clear_requests()
+    for extra in ([], ["--no-pull"]):
+        again = runner.invoke(cli, command + extra)
+        assert again.exit_code == 0 and "composed task/masakhaner@1 + lang/hau@1" in again.output, again.output
+    assert hub_env.server.requests == []  # what is stored is never pulled again
+    assert [v.ref for v in DeltaStore().list()] == ["lang/hau@1", "task/masakhaner@1"]
+
+
+def test_main_points_at_the_highest_pushed_version(hub_env, store, tmp_path, monkeypatch):
+    v2 = push_to_hub(store, "lang/hau@2", REPO)
+    v1 = push_to_hub(store, "lang/hau@1", REPO)  # an older version, pushed later
+    refs = hub_env.server.refs(REPO)
+    assert refs["tags"] == {"v1": v1.commit, "v2": v2.commit}
+    assert refs["branches"] == {"main": v2.commit}  # and no push branch left behind
+    for tag, number in (("v1", 1), ("v2", 2)):
+        assert hub_env.server.files(REPO, tag)[TENSORS_FILE] == store.blob_path(
+            store.resolve(f"lang/hau@{number}").tensors_sha256).read_bytes()
+    latest = pull_from_hub(other_store(tmp_path, monkeypatch), REPO)
+    assert latest.version.tensors_sha256 == store.resolve("lang/hau@2").tensors_sha256
+    v3 = store.add(synthetic_delta(load_model(store.resolve("lang/hau").base), 0.05, 7, kind="language",
+                                   language="hau"))[0]
+    pushed = push_to_hub(store, v3.ref, REPO)
+    assert hub_env.server.refs(REPO)["branches"]["main"] == pushed.commit  # a newer version moves main
+
+
+def test_a_push_racing_another_fails_cleanly_instead_of_overwriting_it(hub_env, store, monkeypatch):
+    push_to_hub(store, "lang/hau@1", REPO)
+    api = hub_env.api()
+    list_files = HfApi.list_repo_files
+
+    def someone_pushes_meanwhile(self, *args, **kwargs):
+        api.upload_file(path_or_fileobj=b"theirs", path_in_repo="notes.txt", repo_id=REPO)
+        return list_files(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "list_repo_files", someone_pushes_meanwhile)
+    theirs_before = hub_env.server.refs(REPO)["branches"]["main"]
+    with pytest.raises(HubError, match="changed while pushing .*run the push again"):
+        push_to_hub(store, "lang/hau@2", REPO)
+    refs = hub_env.server.refs(REPO)
+    assert "v2" not in refs["tags"] and refs["branches"]["main"] != theirs_before
+    assert "notes.txt" in hub_env.server.files(REPO)  # their commit stands
+    assert store.remotes(store.resolve("lang/hau@2")) == []
+
+
+@pytest.mark.parametrize(("task", "reason"), [
+    ("dp", "dependency parsing: not supported by compose"),
+    ("dp-ms", "dependency parsing: not supported by compose"),
+])
+def test_an_entry_compose_cannot_use_is_refused_before_any_download(hub_env, task, reason):
+    result = CliRunner().invoke(cli, ["compose", "--base", "google-bert/bert-base-multilingual-cased", "--task", task])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f"cambridgeltl/mbert-task-sft-{task} cannot be used: {reason}" in result.output
+    assert hub_env.server.requests == []
+    pulled = CliRunner().invoke(cli, ["pull", f"cambridgeltl/mbert-task-sft-{task}"])
+    assert pulled.exit_code == 1 and f"{reason}" in pulled.output and "nothing downloaded" in pulled.output
+    assert hub_env.server.requests == []
+
+
+def test_labels_given_on_the_command_line_make_an_entry_without_labels_compose(
+        hub_env, base_model, tiny_bert_dir, tmp_path, monkeypatch):
+    base = str(tiny_bert_dir.resolve())
+    pos_labels = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "NOUN"]
+    publish_composable_sft(hub_env, synthetic_delta(load_model(tiny_bert_dir, "token-classification", pos_labels),
+                                                    0.05, 3, kind="task", task="pos", task_type="token-classification",
+                                                    labels=pos_labels), "cambridge/pos", tmp_path)
+    registry_file(tmp_path, monkeypatch, [entry(base, "task", "pos", "cambridge/pos", fmt="composable-sft",
+                                                task_type="token-classification")])
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["compose", "--base", base, "--task", "pos"])
+    assert refused.exit_code == 1 and "labels unknown" in refused.output and "pass --labels" in refused.output
+    composed = runner.invoke(cli, ["compose", "--base", base, "--task", "pos", "--labels", ",".join(pos_labels),
+                                   "--device", "cpu"])
+    assert composed.exit_code == 0, composed.output
+    assert DeltaStore().manifest(DeltaStore().resolve("task/pos"))["labels"] == pos_labels
+    other = runner.invoke(cli, ["compose", "--base", base, "--task", "pos", "--labels", "A,B"])
+    assert other.exit_code == 1 and "is stored with labels" in other.output
