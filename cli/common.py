@@ -44,13 +44,14 @@ def explain(exc: Exception) -> str:
     cause = network_cause(exc)
     if cause is not None:
         return str(network_error("the Hub", cause))
-    if isinstance(exc, OSError) and exc.strerror:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OSError):
+        if not exc.strerror:
+            return first_line
         where = f"{exc.filename}: " if exc.filename else ""
-        hint = _OS_HINTS.get(exc.errno, "")
-        return f"{where}{exc.strerror}{hint}"
+        return f"{where}{exc.strerror}{_OS_HINTS.get(exc.errno, '')}"
     if isinstance(exc, ValueError) and "null byte" in str(exc):
         return "a path or name contains a NUL byte, which no file name can hold"
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
     return (f"unexpected {type(exc).__name__}: {first_line} (a bug in sftstore: run again with SFTSTORE_DEBUG=1 "
             "for the traceback and report it)")
 
