@@ -10,13 +10,17 @@ import click
 from rich.console import Console
 
 from sftstore import SftError
-from sftstore.network import network_cause, network_error
+from sftstore.network import bound_hub_waits, network_cause, network_error
+from sftstore.redaction import redact, redact_logs, remember_secret
 from sftstore.settings import base_key, config_path, default_base
 from sftstore.store import DeltaStore
 
 console = Console()
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-TOKEN_OPTION = click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the token of `hf auth login`).")
+TOKEN_OPTION = click.option(
+    "--token", default=None, callback=lambda ctx, param, value: remember_secret(value) or value,
+    help="Hub token (default: HF_TOKEN or the token of `hf auth login`); never printed.",
+)
 LABELS_OPTION = click.option(
     "--labels", callback=lambda ctx, param, value: value.split(",") if value else None, metavar="A,B,...",
     help="A published composable-sft task delta's label names, in head order (default: the registry's).",
@@ -27,18 +31,20 @@ class SftGroup(click.Group):
     """Turns every failure into one clean line on stderr and exit status 1 (`SFTSTORE_DEBUG=1`: the traceback)."""
 
     def invoke(self, ctx: click.Context):
+        redact_logs("huggingface_hub", "transformers")
         try:
+            bound_hub_waits()
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
             if os.environ.get("SFTSTORE_DEBUG"):
                 raise
-            raise click.ClickException(explain(exc)) from None
+            raise click.ClickException(redact(explain(exc))) from None
 
 
 def explain(exc: Exception) -> str:
-    """One line that says what went wrong and what to do."""
+    """One line that says what went wrong and what to do (before redaction)."""
     if isinstance(exc, SftError):
         return str(exc)
     cause = network_cause(exc)

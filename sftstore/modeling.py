@@ -15,7 +15,7 @@ from torch import nn
 
 from .base_ids import is_hub_id
 from .errors import SftError
-from .network import network_cause, network_error
+from .network import check_endpoint, hub_timeout, network_cause, network_error
 
 # transformers builds the pooler only for some heads (and initialises it randomly when a checkpoint
 # lacks it), so it is left out of fingerprints; a delta may still touch it when the model has one.
@@ -119,7 +119,7 @@ def _hub_unreachable(base: str, revision: str | None, endpoint: str) -> BaseExce
     from huggingface_hub import HfApi
 
     try:
-        HfApi(endpoint=endpoint).model_info(base, revision=revision)
+        HfApi(endpoint=endpoint).model_info(base, revision=revision, timeout=hub_timeout())
     except Exception as exc:  # anything but a connection failure is for from_pretrained to explain
         return network_cause(exc)
     return None
@@ -133,7 +133,7 @@ def loading_base(base: str | os.PathLike, revision: str | None = None) -> Iterat
 
     base = os.fspath(base)
     remote = is_hub_id(base) and not constants.HF_HUB_OFFLINE
-    unreachable = _hub_unreachable(base, revision, constants.ENDPOINT) if remote else None
+    unreachable = _hub_unreachable(base, revision, check_endpoint()) if remote else None
     try:
         yield {"local_files_only": True} if unreachable is not None else {}
     except (OSError, ValueError) as exc:

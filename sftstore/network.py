@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import socket
 from functools import lru_cache
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import SftError
+from .redaction import redact, redact_url
 
-_CREDENTIALS_RE = re.compile(r"(\w+://)[^/@\s]+@")
+DEFAULT_TIMEOUT_SECONDS = 30.0
 OFFLINE_HINT = ("check your connection and HF_ENDPOINT, or work offline from the Hugging Face cache "
                 "(HF_HUB_OFFLINE=1, or `sft pull --offline`)")
 
@@ -33,6 +33,24 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def hub_timeout() -> float | None:
+    """How long to wait for a silent Hub connection: `SFTSTORE_HUB_TIMEOUT` seconds (default 30; 0: forever)."""
+    raw = os.environ.get("SFTSTORE_HUB_TIMEOUT") or str(DEFAULT_TIMEOUT_SECONDS)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise SftError(f"SFTSTORE_HUB_TIMEOUT is {raw!r}; expected a number of seconds") from None
+    return seconds if seconds > 0 else None
+
+
+def bound_hub_waits() -> None:
+    """Make `huggingface_hub`'s shared HTTP client, which sets no timeout of its own, give up on a connection
+    that stays silent for `hub_timeout()` seconds (calls that pass their own timeout keep it)."""
+    from huggingface_hub import get_session
+
+    get_session().timeout = hub_timeout()
+
+
 def network_cause(exc: BaseException) -> BaseException | None:
     """The connection failure behind `exc` (itself, or along its cause/context chain), if any."""
     seen: set[int] = set()
@@ -45,30 +63,31 @@ def network_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def hub_endpoint() -> str:
-    """The Hub endpoint in use, without any user name or password it may hold."""
+def check_endpoint() -> str:
+    """The Hub endpoint in use (`HF_ENDPOINT`), as given; a clear error when it is no http(s) URL."""
     from huggingface_hub import constants
 
-    return redact_url(constants.ENDPOINT or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-
-
-def redact_url(url: str) -> str:
-    """`url` with credentials (`user:password@`) removed."""
+    raw = constants.ENDPOINT or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
-        parts = urlsplit(url)
-        if parts.username is None and parts.password is None:
-            return url
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        parts = urlsplit(raw)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
     except ValueError:
-        return "<unparsable HF_ENDPOINT>"
+        valid = False
+    if not valid:
+        raise SftError(f"HF_ENDPOINT is {redact_url(raw)!r}; expected an http(s) URL such as https://huggingface.co "
+                       "(or unset it to use the Hub)")
+    return raw
+
+
+def hub_endpoint() -> str:
+    """The Hub endpoint in use, checked, without any user name or password it may hold (for messages)."""
+    return redact_url(check_endpoint())
 
 
 def describe(cause: BaseException) -> str:
     """A one-line description of a connection failure (its type and first line), credentials removed."""
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else "no details"
-    return f"{type(cause).__name__}: " + _CREDENTIALS_RE.sub(r"\1", text)
+    return f"{type(cause).__name__}: {redact(text)}"
 
 
 def network_error(what: str, cause: BaseException) -> NetworkError:

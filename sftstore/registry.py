@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -17,11 +16,10 @@ from pathlib import Path
 from .base_ids import canonical_base_id
 from .errors import SftError
 from .languages import equivalent_codes
-from .naming import KINDS, validate_name
+from .naming import KINDS, validate_name, validate_repo_id
 
 SCHEMA_VERSION = 1
 FORMATS = ("sftstore", "composable-sft")
-_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _REQUIRED = ("base_model", "kind", "name", "repo_id", "revision", "format", "source", "verified")
 COMPOSABLE_TASK_TYPES = ("token-classification", "sequence-classification")
 _UNSUPPORTED_TASK_TYPES = {
@@ -137,8 +135,10 @@ def _entry(raw: object, where: str) -> RegistryEntry:
         raise fail(f"field 'kind' is {raw['kind']!r}; expected 'language' or 'task'")
     if raw["format"] not in FORMATS:
         raise fail(f"field 'format' is {raw['format']!r}; expected one of {', '.join(FORMATS)}")
-    if not isinstance(raw["repo_id"], str) or not _REPO_ID_RE.fullmatch(raw["repo_id"]):
-        raise fail(f"field 'repo_id' is {raw['repo_id']!r}; expected ORG/NAME")
+    try:
+        validate_repo_id(raw["repo_id"])
+    except SftError:
+        raise fail(f"field 'repo_id' is {raw['repo_id']!r}; expected ORG/NAME") from None
     if not isinstance(raw["verified"], bool):
         raise fail("field 'verified' must be true or false")
     for key in ("base_model", "revision", "source"):

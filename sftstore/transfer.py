@@ -35,7 +35,9 @@ from .delta import SparseDelta
 from .errors import SftError
 from .format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, load_delta
 from .interop import COMPOSABLE_SFT_FILE
-from .network import network_cause, network_error
+from .naming import validate_repo_id
+from .network import check_endpoint, hub_timeout, network_cause, network_error
+from .redaction import redact
 
 ARTIFACT_FILES = (TENSORS_FILE, CONFIG_FILE, CARD_FILE, MASKS_FILE)
 OPTIONAL_FILES = (MASKS_FILE,)  # removed from the repository by a push of an artifact that has none
@@ -86,13 +88,16 @@ def _translate(exc: Exception, where: str) -> SftError | None:
         if status == 412:
             return HubError(f"{where}: the repository changed while pushing (another push?); nothing was "
                             "committed; run the push again")
-        return HubError(f"{where}: the Hub answered HTTP {status}: {exc.server_message or 'no message'}")
+        return HubError(f"{where}: the Hub answered HTTP {status}: {redact(exc.server_message or 'no message')}")
     return None
 
 
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
-    """Turn `huggingface_hub` and connection errors into `SftError`s that say what to do."""
+    """Check the repository id and `HF_ENDPOINT`, then turn `huggingface_hub` and connection errors into
+    `SftError`s that say what to do (secrets redacted)."""
+    validate_repo_id(repo_id)
+    check_endpoint()
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
         yield
@@ -187,7 +192,8 @@ def download_artifact(
     info = None
     with hub_errors(repo_id, revision):
         if not offline:
-            info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
+            info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True,
+                                                                    timeout=hub_timeout())
         directory = Path(snapshot_download(
             repo_id, revision=revision, allow_patterns=[*ARTIFACT_FILES, COMPOSABLE_SFT_FILE], token=token,
             endpoint=endpoint, local_files_only=offline,

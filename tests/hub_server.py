@@ -136,6 +136,8 @@ class HubServer:
               (also settable later: `server.require_auth = True`).
       initial_commit: when true (default, as on the Hub), a new repository starts with one commit
               holding `.gitattributes` on branch `main`; otherwise with one empty commit.
+      echo_headers: when true, every error message repeats the request's Authorization header (as a
+              careless server or proxy does), to test that clients never print it.
       lfs_suffixes: files whose path ends with one of these are served as the Hub serves LFS files
               (also settable later): their sha256 as ETag, and `lfs` {sha256/oid, size, pointerSize}
               with the pointer file's git blob id in repository info and tree listings.
@@ -146,11 +148,13 @@ class HubServer:
     """
 
     def __init__(self, *, tokens: dict[str, str] | None = None, require_auth: bool = False,
-                 initial_commit: bool = True, lfs_suffixes: tuple[str, ...] = (), start: bool = True):
+                 initial_commit: bool = True, lfs_suffixes: tuple[str, ...] = (), echo_headers: bool = False,
+                 start: bool = True):
         self.tokens: dict[str, str] = dict(tokens) if tokens is not None else {DEFAULT_TOKEN: DEFAULT_USER}
         self.require_auth = require_auth
         self.initial_commit = initial_commit
         self.lfs_suffixes = lfs_suffixes
+        self.echo_headers = echo_headers
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -405,6 +409,8 @@ class HubServer:
             try:
                 return self._route(method, raw_path, headers, body, request)
             except _HubError as err:
+                if self.echo_headers:  # as a careless proxy or server does: secrets in the error text
+                    err.message += f" (you sent Authorization: {headers.get('authorization', 'nothing')})"
                 return self._error(err)
             except Exception:  # a bug here: never 5xx (the client would retry with back-off)
                 self.errors.append(traceback.format_exc())
