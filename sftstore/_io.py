@@ -1,10 +1,23 @@
-"""Durable, atomic file writes: temp file in the same folder, fsync, rename, fsync the folder."""
+"""Durable, atomic file writes: temp file in the same folder, fsync, rename, fsync the folder.
+
+Temp files are named `.<target>.sft-<host>-<pid>-<random>.tmp`, so the files a killed writer left
+behind can be told from those a live one is writing: `remove_stale_temp_files` deletes at once
+those of a process of this host that is gone, and any older than a grace period (another host's
+writer cannot be asked).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+_TEMP_RE = re.compile(r"\..+\.sft-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]+\.tmp")
+STALE_AFTER_SECONDS = 3600  # a temp file of another host's writer is stale after this long
 
 
 def fsync_dir(directory: Path) -> None:
@@ -19,7 +32,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, tmp_dir: Path | Non
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
     tmp_dir = Path(tmp_dir) if tmp_dir is not None else path.parent
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix=f".{path.name}.sft-{_HOST}-{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -34,3 +47,32 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, tmp_dir: Path | Non
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _writer_is_gone(host: str, pid: int) -> bool:
+    if host != _HOST:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temp_files(directory: Path, stale_after: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Delete the temp files killed writers left in `directory`: at once when their process (on this host)
+    is gone, otherwise once older than `stale_after` seconds. Return what was deleted."""
+    removed, cutoff = [], time.time() - stale_after
+    for path in Path(directory).iterdir():
+        match = _TEMP_RE.fullmatch(path.name)
+        if match is None:
+            continue
+        try:  # the writer may rename or delete its file meanwhile
+            if _writer_is_gone(match["host"], int(match["pid"])) or path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed

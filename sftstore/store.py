@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._io import atomic_write_bytes, fsync_dir
+from ._io import atomic_write_bytes, fsync_dir, remove_stale_temp_files
 from .delta import SparseDelta
 from .errors import RefNotFoundError, StoreError
 from .format import (
@@ -89,7 +88,6 @@ CREATE TABLE IF NOT EXISTS aliases (
     FOREIGN KEY (delta_id, version) REFERENCES versions(delta_id, version) ON DELETE CASCADE
 );
 """
-_TMP_GRACE_SECONDS = 3600  # gc leaves younger temp files alone: another process may be writing them
 
 
 @dataclass(frozen=True)
@@ -224,6 +222,7 @@ class DeltaStore:
         they are kept as they are, so the store holds what was published. Adding a delta whose
         tensors and manifest equal a stored version's, but for `created_at`, returns that version.
         """
+        remove_stale_temp_files(self.tmp_dir)  # what killed writers left
         manifest = json.loads(files[CONFIG_FILE]) if files is not None else None
         files = complete_artifact(files, manifest) if files is not None else artifact_files(delta)
         manifest = manifest or json.loads(files[CONFIG_FILE])
@@ -454,7 +453,7 @@ class DeltaStore:
 
     def gc(self) -> GcReport:
         """Delete blobs no version references, and temp files abandoned by killed writers."""
-        removed = freed = stale = 0
+        removed = freed = 0
         with self._write() as db:  # holds the write lock: no add can register a blob meanwhile
             referenced = set()
             for row in db.execute("SELECT tensors_sha256, config_sha256, card_sha256, masks_sha256 FROM versions"):
@@ -464,14 +463,7 @@ class DeltaStore:
                     freed += path.stat().st_size
                     path.unlink()
                     removed += 1
-            cutoff = time.time() - _TMP_GRACE_SECONDS
-            for path in self.tmp_dir.iterdir():
-                try:  # a concurrent writer may rename its temp file into blobs/ meanwhile
-                    if path.stat().st_mtime < cutoff:
-                        path.unlink()
-                        stale += 1
-                except FileNotFoundError:
-                    continue
+            stale = len(remove_stale_temp_files(self.tmp_dir))
         if removed:
             fsync_dir(self.blobs_dir)
         return GcReport(removed, freed, stale)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftstore import RefNotFoundError, StoreError
+from sftstore import RefNotFoundError, StoreError, _io
 from sftstore.demo import synthetic_delta
 from sftstore.modeling import load_model
 from sftstore.store import DeltaStore
@@ -228,11 +228,8 @@ def test_a_killed_add_leaves_nothing_half_registered(tmp_path, base_model, store
     assert store.list() == []
     assert store.verify() == []
     leftovers = list(store.tmp_dir.iterdir())
-    if point == "mid-blob":
+    if point == "mid-blob":  # the writer is gone: its temp files are stale at once
         assert leftovers and not blob_names(store)
-        old = time.time() - 7200
-        for path in leftovers:
-            os.utime(path, (old, old))
         assert store.gc().removed_temp_files == len(leftovers)
     else:
         assert len(blob_names(store)) == 3 and not leftovers
@@ -242,12 +239,39 @@ def test_a_killed_add_leaves_nothing_half_registered(tmp_path, base_model, store
     assert created and version.version == 1
 
 
-def test_gc_keeps_young_temp_files_of_running_writers(store_home):
+def temp_file(directory: Path, host: str, pid: int, age_seconds: float = 0) -> Path:
+    """A temp file as `atomic_write_bytes` names it, written by `pid` on `host`, `age_seconds` old."""
+    path = directory / f".abc.sft-{host}-{pid}-x{int(age_seconds)}y.tmp"
+    path.write_bytes(b"partial")
+    when = time.time() - age_seconds
+    os.utime(path, (when, when))
+    return path
+
+
+def dead_pid() -> int:
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(process.stdout)
+
+
+def test_stale_temp_files_go_at_the_next_write_or_gc_and_live_writers_keep_theirs(store_home, base_model, tmp_path):
     store = DeltaStore()
-    in_progress = store.tmp_dir / ".x.tmp"
-    in_progress.write_bytes(b"partial")
-    assert store.gc().removed_temp_files == 0
-    assert in_progress.exists()
+    host = _io._HOST
+    live = temp_file(store.tmp_dir, host, os.getpid())
+    other_host_young = temp_file(store.tmp_dir, "elsewhere", 1)
+    other_host_old = temp_file(store.tmp_dir, "elsewhere", 1, age_seconds=2 * _io.STALE_AFTER_SECONDS)
+    killed = temp_file(store.tmp_dir, host, dead_pid())
+    unrelated = store.tmp_dir / "notes.txt"
+    unrelated.write_text("not ours")
+    assert store.gc().removed_temp_files == 2
+    assert sorted(p.name for p in store.tmp_dir.iterdir()) == sorted(
+        p.name for p in (live, other_host_young, unrelated))
+    killed = temp_file(store.tmp_dir, host, dead_pid())
+    store.add(lang(base_model, 1))  # the next write removes it too
+    assert not killed.exists() and live.exists()
+    artifact = lang(base_model, 1).save_pretrained(tmp_path / "artifact")
+    left_in_artifact = temp_file(artifact, host, dead_pid())
+    lang(base_model, 2).save_pretrained(artifact)
+    assert not left_in_artifact.exists()
 
 
 def test_store_root_defaults_to_sftstore_home(store_home):
