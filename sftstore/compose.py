@@ -89,14 +89,20 @@ class ComposedModel:
             self.model.config.label2id = {label: i for i, label in enumerate(labels)}
 
     def remove(self, delta: SparseDelta) -> None:
-        """Take a delta out again; the weights it touched return to their exact earlier values."""
+        """Take a delta out again; the weights it touched return to their exact earlier values.
+
+        The deltas applied after it are reverted first and re-applied after; nothing changes when one
+        of them cannot be reverted (a delta applied to the model outside this composition overlaps it).
+        """
         position = next((i for i, (d, _, _) in enumerate(self._stack) if d is delta), None)
         if position is None:
             raise ValueError(f"delta {delta.kind}/{delta.name} is not applied")
-        later = self._stack[position + 1 :]
-        for _, applied, _ in reversed(later):
+        chain = [applied for _, applied, _ in self._stack[position:]]
+        for applied in chain:
+            applied.check_revertible(together=chain)
+        for applied in reversed(chain):
             applied.revert()
-        self._stack[position][1].revert()
+        later = self._stack[position + 1 :]
         del self._stack[position:]
         for original, applied, scale in later:
             self._stack.append((original, applied.delta.apply(self.model, scale), scale))
@@ -104,7 +110,8 @@ class ComposedModel:
     def reset(self) -> None:
         """Revert every delta: the weights are the base's, bit for bit."""
         while self._stack:
-            self._stack.pop()[1].revert()
+            self._stack[-1][1].revert()
+            self._stack.pop()
 
     def swap(self, *, task: SparseDelta | None = None, language: SparseDelta | None = None, force: bool = False) -> None:
         """Replace the applied task and/or language delta with another one (hot-swap).

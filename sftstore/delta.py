@@ -6,7 +6,8 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,7 +299,13 @@ class SparseDelta:
     # ---- applying -----------------------------------------------------------------------------
 
     def check_fits(self, model: nn.Module) -> None:
-        """Raise `BaseModelMismatchError` unless every entry names a parameter of `model` with the same shape."""
+        """Raise `BaseModelMismatchError` unless every entry names a parameter of `model` with the same shape
+        and every head tensor names a parameter of the task head (never a base parameter or one tied to it)."""
+        self._check_sparse(model)
+        self._head_targets(model)
+
+    def _check_sparse(self, model: nn.Module) -> None:
+        """Every sparse entry names a base parameter of `model` with the entry's shape."""
         params = base_parameters(model)
         for name, entry in self.params.items():
             if name not in params:
@@ -311,17 +318,41 @@ class SparseDelta:
                     f"delta {self.name!r}: parameter '{name}' has shape {list(entry.shape)} in the delta "
                     f"but {list(params[name].shape)} in the base model"
                 )
-        model_params = dict(model.named_parameters())
+
+    def _head_targets(self, model: nn.Module) -> dict[str, str]:
+        """Each head tensor's name to the canonical name of the head parameter it sets, checked.
+
+        Tied parameters answer to several names; a name is refused when its parameter shares memory with
+        a base parameter (it would change the base outside the sparse part, and revert would not be exact).
+        """
+        aliases = _parameter_aliases(model)
+        base_spans = {name: _memory_span(p) for name, p in base_parameters(model).items()}
+        targets: dict[str, str] = {}
         for name, tensor in self.head.items():
-            if name not in model_params:
+            if name not in aliases:
                 raise BaseModelMismatchError(
                     f"delta {self.name!r}: head tensor 'head::{name}' has no parameter in {type(model).__name__}"
                 )
-            if model_params[name].shape != tensor.shape:
+            canonical, param = aliases[name]
+            shared = _overlapping(_memory_span(param), base_spans)
+            if shared is not None:
+                raise BaseModelMismatchError(
+                    f"delta {self.name!r}: head tensor 'head::{name}' names the base-model parameter '{shared}'; "
+                    "a head may only set task-head parameters (base weights change only through sparse entries)"
+                )
+            if tuple(param.shape) != tuple(tensor.shape):
                 raise BaseModelMismatchError(
                     f"delta {self.name!r}: head tensor 'head::{name}' has shape {list(tensor.shape)} "
-                    f"but the model's is {list(model_params[name].shape)}"
+                    f"but the model's is {list(param.shape)}"
                 )
+            twin = next((other for other, target in targets.items() if target == canonical), None)
+            if twin is not None:
+                raise BaseModelMismatchError(
+                    f"delta {self.name!r}: head tensors 'head::{twin}' and 'head::{name}' name the same "
+                    "(tied) parameter"
+                )
+            targets[name] = canonical
+        return targets
 
     @torch.no_grad()
     def apply(self, model: nn.Module, scale: float = 1.0) -> "AppliedDelta":
@@ -330,11 +361,11 @@ class SparseDelta:
         Nothing is changed unless every entry fits. The original values at the touched indices are
         gathered first, so `AppliedDelta.revert()` restores bit-identical weights. Half-precision
         weights are updated in float32 and rounded once. Deltas that overlap must be reverted in
-        the reverse order of applying (the composer does this for you).
+        the reverse order of applying (revert refuses otherwise; the composer does this for you).
         """
-        self.check_fits(model)
+        self._check_sparse(model)
+        head_targets = self._head_targets(model)
         params = base_parameters(model)
-        model_params = dict(model.named_parameters())
         originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, entry in self.params.items():
             flat = params[name].data.view(-1)
@@ -350,10 +381,12 @@ class SparseDelta:
             originals[name] = (indices, before)
         head_originals = {}
         for name, tensor in self.head.items():
-            target = model_params[name].data
+            target = model.get_parameter(name).data
             head_originals[name] = target.clone()
             target.copy_(tensor)
-        return AppliedDelta(self, model, originals, head_originals)
+        indices = {name: entry.indices for name, entry in self.params.items()}
+        footprint = _Footprint(self.name, indices, frozenset(head_targets.values()))
+        return AppliedDelta(self, model, originals, head_originals, footprint)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module, scale: float = 1.0) -> Iterator[nn.Module]:
@@ -392,6 +425,54 @@ class SparseDelta:
         return push_delta(self, repo_id, private=private, token=token, tag=tag)
 
 
+def _parameter_aliases(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
+    """Every name of every parameter (a tied one under each of its names) to its canonical name and the parameter."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    return {name: (canonical[id(p)], p) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _memory_span(tensor: torch.Tensor) -> tuple[torch.device, int, int]:
+    """The device and byte range a tensor's elements occupy."""
+    start = tensor.data_ptr()
+    return tensor.device, start, start + tensor.numel() * tensor.element_size()
+
+
+def _overlapping(span: tuple[torch.device, int, int], spans: Mapping[str, tuple[torch.device, int, int]]) -> str | None:
+    """The name of the first of `spans` that shares memory with `span`, or None."""
+    device, start, end = span
+    return next((name for name, (d, s, e) in spans.items() if d == device and s < end and start < e), None)
+
+
+@dataclass(frozen=True, eq=False)
+class _Footprint:
+    """What one application touched: flat indices per base parameter and the canonical names of head parameters.
+
+    Kept per model while the delta is applied (also when its handle is dropped: it is then applied for good).
+    """
+
+    name: str
+    indices: dict[str, torch.Tensor]
+    head: frozenset[str]
+
+    def overlaps(self, other: _Footprint) -> bool:
+        """Whether both set a head parameter or touch an entry in common."""
+        if self.head & other.head:
+            return True
+        return any(
+            bool(torch.isin(indices, other.indices[name].to(indices.device, indices.dtype)).any())
+            for name, indices in self.indices.items()
+            if name in other.indices
+        )
+
+
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, list[_Footprint]] = weakref.WeakKeyDictionary()
+
+
+def _applied_on(model: nn.Module) -> list[_Footprint]:
+    """The footprints of the deltas applied to `model` and not reverted, oldest first."""
+    return _APPLIED.setdefault(model, [])
+
+
 class AppliedDelta:
     """The record of one `SparseDelta.apply`: the original values it overwrote, to revert exactly."""
 
@@ -401,22 +482,42 @@ class AppliedDelta:
         model: nn.Module,
         originals: dict[str, tuple[torch.Tensor, torch.Tensor]],
         head_originals: dict[str, torch.Tensor],
+        footprint: _Footprint,
     ) -> None:
         self.delta = delta
         self.model = model
         self._originals = originals
         self._head_originals = head_originals
+        self._footprint = footprint
+        _applied_on(model).append(footprint)
         self.active = True
+
+    def check_revertible(self, together: Collection[AppliedDelta] = ()) -> None:
+        """Raise `RuntimeError` if reverting now would not be exact: a delta applied later to the same model, still
+        applied and not among `together` (reverted first, in reverse order), touches an entry or head parameter
+        in common."""
+        if not self.active:
+            raise RuntimeError(f"delta {self.delta.name!r} was already reverted")
+        applied = _applied_on(self.model)
+        excused = {id(handle._footprint) for handle in together}
+        for later in applied[applied.index(self._footprint) + 1 :]:
+            if id(later) not in excused and self._footprint.overlaps(later):
+                raise RuntimeError(
+                    f"cannot revert delta {self.delta.name!r}: delta {later.name!r}, applied after it and still "
+                    "applied, changes some of the same weights; revert that one first (ComposedModel.remove does this)"
+                )
 
     @torch.no_grad()
     def revert(self) -> None:
-        """Write the gathered original values back: the weights are bit-identical to before `apply`."""
-        if not self.active:
-            raise RuntimeError(f"delta {self.delta.name!r} was already reverted")
+        """Write the gathered original values back: the weights are bit-identical to before `apply`.
+
+        Refused (nothing changed) while a later-applied delta that overlaps this one is still applied.
+        """
+        self.check_revertible()
         params = base_parameters(self.model)
         for name, (indices, before) in self._originals.items():
             params[name].data.view(-1).index_put_((indices,), before)
-        model_params = dict(self.model.named_parameters())
         for name, before in self._head_originals.items():
-            model_params[name].data.copy_(before)
+            self.model.get_parameter(name).data.copy_(before)
+        _applied_on(self.model).remove(self._footprint)
         self.active = False
