@@ -8,13 +8,18 @@ the composable-sft way (coordinates -> `torch.sparse_coo_tensor` -> dense add; `
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tracemalloc
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from sftstore import interop
 from sftstore.demo import NER_LABELS
 from sftstore.errors import BaseModelMismatchError, DeltaFormatError
 from sftstore.interop import (
@@ -32,21 +37,23 @@ MLM_HEAD = {
     "roberta": ("lm_head.dense.weight", "lm_head.bias"),
 }
 QUERY = "encoder.layer.0.attention.self.query.weight"
+NUMPY_SCALAR = np.int64(0).__reduce__()[0]  # numpy's multiarray.scalar, under either numpy's module name
+MB = 2**20
 
 
 # ---- composable-sft, as that tool does it -----------------------------------------------------
 
 
-def encode(dense: torch.Tensor) -> dict:
-    """composable-sft's `encode_sparse_tensor` of a dense difference tensor."""
+def encode(dense: torch.Tensor, index_dtype: type = np.int64) -> dict:
+    """composable-sft's `encode_sparse_tensor` of a dense difference tensor, its flat indices of `index_dtype`."""
     sparse = dense.to_sparse().coalesce()
     multipliers = np.cumprod([1] + list(sparse.size())[:-1], dtype=np.int64)
-    indices = multipliers @ sparse.indices().numpy().astype(np.int64)
+    indices = (multipliers @ sparse.indices().numpy().astype(np.int64)).astype(index_dtype)
     perm = np.argsort(indices, kind="stable")
     indices = indices[perm]
     steps = (indices[1:] - indices[:-1]).tolist()
     if len(indices):
-        steps = [indices[0]] + steps  # a numpy.int64 first, plain ints after
+        steps = [indices[0]] + steps  # a numpy scalar (numpy.int64) first, plain ints after
     return {"size": sparse.size(), "index_steps": steps, "values": sparse.values()[torch.from_numpy(perm)]}
 
 
@@ -121,6 +128,33 @@ def task_sft(ner_model, tmp_path) -> Path:
     generator = torch.Generator().manual_seed(6)
     abs_tensors = {name: torch.randn(p.shape, generator=generator) for name, p in head_parameters(ner_model).items()}
     return write_sft(tmp_path / "task-sft", base_diffs(ner_model, seed=7), abs_tensors)
+
+
+@contextlib.contextmanager
+def traced_peak() -> Iterator[list[int]]:
+    """Yields a list that gets the peak bytes allocated by Python and numpy inside the block (torch's
+    allocator is not traced; numpy's is, and numpy is what expands a nested list)."""
+    peak: list[int] = []
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        yield peak
+    finally:
+        peak.append(tracemalloc.get_traced_memory()[1])
+        if started:
+            tracemalloc.stop()
+
+
+class Reduces:
+    """Pickles as the call `function(*args)`: what a crafted file can ask of the globals it may use."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
 
 
 def minimal_sft(tmp_path: Path, entry: dict | None = None, **extra) -> Path:
@@ -214,6 +248,20 @@ def test_a_file_written_under_numpy_1_is_read(tmp_path):
     path.write_bytes(data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
     diffs, _ = read_composable_sft(path)
     assert diffs["bert.b"]["indices"].tolist() == [2, 5]
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.uint32, np.int16, np.uint64])
+def test_index_steps_of_any_numpy_integer_type_are_read(index_dtype, tmp_path):
+    dense = random_diff(torch.Size([6, 5]), torch.Generator().manual_seed(3), density=0.4)
+    narrow = encode(dense, index_dtype)  # as composable-sft writes it from indices of that type
+    every_step = {**narrow, "index_steps": [index_dtype(step) for step in narrow["index_steps"]]}
+    path = write_sft(tmp_path / "sft", {"bert.a": encode(dense), "bert.b": narrow, "bert.c": every_step}, {})
+    steps = torch.load(path, weights_only=False)["diffs"]["bert.b"]["index_steps"]
+    assert len(steps) > 3 and type(steps[0]) is index_dtype and all(type(s) is int for s in steps[1:])
+    diffs, _ = read_composable_sft(path)
+    for name in ("bert.b", "bert.c"):
+        assert torch.equal(diffs[name]["indices"], diffs["bert.a"]["indices"])
+        assert torch.equal(diffs[name]["values"], diffs["bert.a"]["values"])
 
 
 def test_latest_composable_sft_layout_with_empty_block_sparses_is_read(tmp_path):
@@ -328,6 +376,64 @@ def test_garbage_and_wrong_layouts_are_refused(tmp_path):
         read_composable_sft(minimal_sft(tmp_path, block_sparses={"bert.x": {"parameters": {}, "buffers": {}}}))
 
 
+@pytest.mark.parametrize(
+    "value,asked",
+    [
+        (np.float64(1.5), r"numpy.dtype\('f8'\)"),
+        (np.bool_(True), r"numpy.dtype\('\|?b1'\)"),
+        (Reduces(NUMPY_SCALAR, Reduces(np.dtype, "V1000000000", False, True)), r"numpy.dtype\('V1000000000'\)"),
+        (Reduces(NUMPY_SCALAR, np.dtype("i8"), b"\x00" * 3), r"a numpy scalar of \w+ that is not a plain integer"),
+    ],
+)
+def test_numpy_scalars_other_than_integers_are_refused_unbuilt(value, asked, tmp_path):
+    path = minimal_sft(tmp_path, {"index_steps": [value, 2, 5]})
+    with traced_peak() as peak, pytest.raises(DeltaFormatError, match=rf"refused: the file asks for {asked}"):
+        read_composable_sft(path)
+    assert peak[0] < 50 * MB  # the void scalar (1 GB of zeros) was never made
+
+
+def test_a_nested_index_steps_bomb_is_refused_in_small_memory(tmp_path):
+    """The issue's file: one inner list shared 10,000 times, which numpy would expand to 10**8 int64s (800 MB)."""
+    inner = list(range(1, 10_001))
+    entry = {"size": torch.Size([10_000, 10_000]), "index_steps": [inner] * 10_000, "values": torch.ones(1)}
+    path = write_sft(tmp_path / "sft", {"bert.x.weight": entry}, {})
+    assert path.stat().st_size < 60_000
+    where = rf"{COMPOSABLE_SFT_FILE}: diffs entry 'bert.x.weight'"
+    message = rf"{where}: 'index_steps' is not a flat list of integers \(it holds list\)"
+    with traced_peak() as peak, pytest.raises(DeltaFormatError, match=message):
+        read_composable_sft(path)
+    assert peak[0] < 50 * MB
+
+
+def test_index_steps_shared_between_entries_are_refused_before_decoding(tmp_path):
+    entry = {"size": torch.Size([10**8]), "index_steps": [0] + [1] * 4_999, "values": torch.zeros(5_000)}
+    path = write_sft(tmp_path / "sft", {f"bert.p{i}": entry for i in range(2_000)}, {})  # 10**7 steps
+    size = path.stat().st_size
+    message = rf"diffs entry 'bert.p\d+': 'index_steps' bring the file's total to \d+ steps, more than its {size} bytes"
+    with traced_peak() as peak, pytest.raises(DeltaFormatError, match=message):
+        read_composable_sft(path)
+    assert peak[0] < 50 * MB
+
+
+def test_files_bigger_once_read_than_on_disk_are_refused_unread(tmp_path, monkeypatch):
+    path = minimal_sft(tmp_path)
+    deflated = tmp_path / "deflated.bin"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    assert torch.load(deflated, weights_only=False)["diffs"]  # torch itself would inflate it
+    with pytest.raises(DeltaFormatError, match=r"deflated\.bin: compressed zip records \[.*data\.pkl"):
+        read_composable_sft(deflated)
+    monkeypatch.setattr(interop, "MAX_FILE_BYTES", 100)
+    too_big = rf"{COMPOSABLE_SFT_FILE}: {path.stat().st_size} bytes; files over 100 bytes are refused unread"
+    with pytest.raises(DeltaFormatError, match=too_big):
+        read_composable_sft(path)
+    monkeypatch.undo()
+    monkeypatch.setattr(interop, "_MAX_ENTRIES", 1)
+    with pytest.raises(DeltaFormatError, match=r"more than 1 diffs and abs entries"):
+        read_composable_sft(write_sft(tmp_path / "two", {}, {"a": torch.ones(1), "b": torch.ones(1)}))
+
+
 @pytest.mark.parametrize("missing", ["size", "index_steps", "values"])
 def test_an_entry_missing_a_field_is_refused(missing, tmp_path):
     path = minimal_sft(tmp_path)
@@ -347,16 +453,22 @@ def test_an_entry_missing_a_field_is_refused(missing, tmp_path):
         ({"index_steps": [np.int64(-3), 2, 5]}, r"'index_steps'\[0\] \(the first index\) is -3"),
         ({"index_steps": [3, 2, 27]}, r"'index_steps' reach past the end of a parameter of 32 elements \(index 32\)"),
         ({"index_steps": [3, 2, 2**40]}, r"'index_steps' reach past the end of a parameter of 32 elements"),
-        ({"index_steps": [3, 2.0, 5]}, r"'index_steps' is not a flat list of integers"),
+        ({"index_steps": [3, 2.0, 5]}, r"'index_steps' is not a flat list of integers \(it holds float\)"),
+        ({"index_steps": [3, True, 5]}, r"'index_steps' is not a flat list of integers \(it holds bool\)"),
+        ({"size": torch.Size([2])}, r"'index_steps' reach past the end of a parameter of 2 elements \(3 steps\)"),
         ({"index_steps": [3, "2", 5]}, r"'index_steps' is not a flat list of integers"),
         ({"index_steps": torch.tensor([3, 2, 5])}, r"'index_steps' is a Tensor; expected a list of integers"),
         ({"values": torch.tensor([0.1, 0.2])}, r"'values' has shape \[2\]; 'index_steps' has 3 entries"),
         ({"values": torch.tensor([0.1, float("nan"), 0.3])}, r"'values' holds NaN or Inf"),
         ({"index_steps": [3, [2], 5]}, r"'index_steps' is not a flat list of integers"),
-        ({"index_steps": [3, 2**64, 5]}, r"'index_steps' is not a flat list of integers"),
+        ({"index_steps": [3, 2**64, 5]}, r"'index_steps' reach past the end .* \(a step over 64 bits\)"),
         ({"values": torch.tensor([1, 2, 3])}, r"'values' is torch.int64 \(torch.strided\); expected a dense floating"),
         ({"values": [0.1, 0.2, 0.3]}, r"'values' is list; expected a dense floating-point tensor"),
         ({"size": [32.0]}, r"'size' is \[32.0\]; expected a torch.Size"),
+        ({"size": torch.Size([1] * 65)}, r"'size' is torch.Size\(.*; expected a torch.Size"),
+        ({"size": torch.Size([2**31, 2**31, 2])}, r"'size' \[2147483648, 2147483648, 2\] has more than \d+ elements"),
+        ({"values": torch.ones(1).expand(3)}, r"'values' has 3 elements over a storage of 4 bytes \(an expanded"),
+        ({"values": torch.empty(3, device="meta")}, r"'values' is on device 'meta'"),
     ],
 )
 def test_malformed_entries_are_refused_naming_file_and_entry(entry, message, tmp_path):
@@ -365,9 +477,16 @@ def test_malformed_entries_are_refused_naming_file_and_entry(entry, message, tmp
         read_composable_sft(minimal_sft(tmp_path, entry))
 
 
-def test_a_non_finite_abs_tensor_is_refused(tmp_path):
-    path = write_sft(tmp_path / "sft", {}, {"classifier.bias": torch.tensor([1.0, float("inf")])})
-    with pytest.raises(DeltaFormatError, match=r"abs entry 'classifier.bias' holds NaN or Inf"):
+@pytest.mark.parametrize(
+    "tensor,message",
+    [
+        (torch.tensor([1.0, float("inf")]), "holds NaN or Inf"),
+        (torch.ones(1).expand(10**12), r"has 1000000000000 elements over a storage of 4 bytes \(an expanded view\)"),
+    ],
+)
+def test_a_bad_abs_tensor_is_refused(tensor, message, tmp_path):
+    path = write_sft(tmp_path / "sft", {}, {"classifier.bias": tensor})
+    with pytest.raises(DeltaFormatError, match=rf"abs entry 'classifier.bias' {message}"):
         read_composable_sft(path)
 
 
