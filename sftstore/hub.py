@@ -8,6 +8,7 @@ the hashes the Hub reports and keep the published bytes. The transfer itself is 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from .registry import Registry, RegistryEntry, load_registry
 from .settings import base_key
 from .store import DeltaStore, StoredVersion
 from .transfer import (
-    HubError, PushResult, commit_artifact, commit_message, download_artifact, hub_errors, main_head, remote_manifest,
+    Download, HubError, PushResult, commit_artifact, commit_message, download_artifact, hub_errors, main_head,
+    remote_manifest,
 )
 
 _VERSION_TAG_RE = re.compile(r"v([1-9][0-9]*)")
@@ -71,7 +73,7 @@ def push_to_hub(
     `main` moves only to a version higher than every version tag in the repository; an older
     version's commit is reachable through its tag alone.
     """
-    version = store.resolve(ref, base)
+    version = store.resolve(ref, base_key(base) if base else None)
     manifest = store.manifest(version)
     tag = version_tag(version.version)
     api = HfApi(endpoint=endpoint, token=token)
@@ -85,22 +87,27 @@ def push_to_hub(
                 raise HubError(f"{repo_id}: tag {tag} already holds other tensors than {version.ref}; nothing pushed")
             store.record_remote(version, repo_id, tags[tag], tag)
             return PushResult(repo_id, tags[tag], tag, created=False)
-        newest = max((int(m.group(1)) for t in tags if (m := _VERSION_TAG_RE.fullmatch(t))), default=0)
-        files = {name: store.blob_path(sha) for name, sha in version.blobs.items()}
-        commit = commit_artifact(api, repo_id, files, *commit_message(manifest, version.version), head=head, tag=tag,
-                                 on_main=version.version > newest)
+        message, description = commit_message(manifest, version.version)
+        if head is not None and remote_manifest(api, repo_id, head) == manifest:  # a push cut off before its tag
+            api.create_tag(repo_id, tag=tag, revision=head, tag_message=message)
+            commit = head
+        else:
+            newest = max((int(m.group(1)) for t in tags if (m := _VERSION_TAG_RE.fullmatch(t))), default=0)
+            files = {name: store.blob_path(sha) for name, sha in version.blobs.items()}
+            commit = commit_artifact(api, repo_id, files, message, description, head=head, tag=tag,
+                                     on_main=version.version > newest)
     store.record_remote(version, repo_id, commit, tag)
     return PushResult(repo_id, commit, tag, created=True)
 
 
 def _convert_composable_sft(directory: Path, repo_id: str, entry: RegistryEntry | None,
-                            labels: Sequence[str] | None) -> SparseDelta:
+                            labels: Sequence[str] | None, offline: bool | None) -> SparseDelta:
     """Convert the composable-sft delta of a registry `entry` (its labels, or `labels`)."""
     if entry is None:
         raise HubError(f"{repo_id} holds a composable-sft delta; the registry has no entry that says which base, kind and name")
     task_type = entry.task_type if entry.kind == "task" else None
     head_labels = list(labels or entry.labels) if entry.kind == "task" else []
-    base_model = load_model(entry.base_model, task_type, head_labels)
+    base_model = load_model(entry.base_model, task_type, head_labels, offline=offline)
     return from_composable_sft(
         directory / COMPOSABLE_SFT_FILE, base_model, kind=entry.kind, name=entry.name, base_id=entry.base_model,
         task_type=task_type, labels=head_labels, license=entry.license,
@@ -130,23 +137,39 @@ def pull_from_hub(
     entry = entry or load_registry().find_repo(repo_id)
     if entry is not None and entry.unsupported_with(labels):
         raise HubError(f"{repo_id}: {entry.unsupported_with(labels)}; nothing downloaded")
+    if labels and entry is not None and entry.format == "sftstore":
+        raise HubError(_OWN_LABELS.format(repo_id=repo_id))
     download = download_artifact(repo_id, revision, offline=offline, token=token, endpoint=endpoint)
     files = None
     if (download.directory / TENSORS_FILE).is_file():
-        files = read_artifact(download.directory)
+        if labels:
+            raise HubError(_OWN_LABELS.format(repo_id=repo_id))
+        files = _verified_bytes(download)
         delta = delta_from_files(files, download.directory)
     elif (download.directory / COMPOSABLE_SFT_FILE).is_file():
-        delta = _convert_composable_sft(download.directory, repo_id, entry, labels)
+        delta = _convert_composable_sft(download.directory, repo_id, entry, labels, offline)
     else:
         raise HubError(f"{repo_id}: the repository holds neither {TENSORS_FILE} nor {COMPOSABLE_SFT_FILE}")
-    if base is not None and delta.config.base_model.id != base_key(base):
-        raise BaseModelMismatchError(
-            f"{repo_id}@{revision or 'main'} is a delta for base {delta.config.base_model.id!r}, not {base_key(base)!r}"
-        )
+    made_for = canonical_base_id(delta.config.base_model.id)
+    if base is not None and made_for != base_key(base):
+        raise BaseModelMismatchError(f"{repo_id}@{revision or 'main'} is a delta for base {made_for!r}, not {base_key(base)!r}")
+    published = {name: download.sha256[name] for name in (files or [COMPOSABLE_SFT_FILE])}
     source = {"type": "hub", "repo_id": repo_id, "revision": revision or constants.DEFAULT_REVISION,
-              "commit": download.commit, "files_sha256": download.sha256}
+              "commit": download.commit, "files_sha256": published}
     version, created = store.add(delta, source=source, files=files)
     return PullResult(version, created, repo_id, download.commit)
+
+
+_OWN_LABELS = "{repo_id}: --labels applies to composable-sft deltas only; an sftstore delta carries its own labels"
+
+
+def _verified_bytes(download: Download) -> dict[str, bytes]:
+    """The artifact's files as read for storing, each checked against the hash verified at download."""
+    files = read_artifact(download.directory)
+    for name, data in files.items():
+        if hashlib.sha256(data).hexdigest() != download.sha256.get(name):
+            raise HubError(f"{download.directory / name} changed after it was verified; nothing stored")
+    return files
 
 
 def _stored_names(ref: DeltaRef, entry: RegistryEntry | None) -> list[str]:
@@ -170,14 +193,17 @@ def resolve_or_pull(
 ) -> StoredVersion:
     """Resolve `ref` in the store, under any name it may be stored under (registry aliases, ISO 639
     codes); if no such delta is stored, pull the published delta the registry names for it."""
+    base = base_key(base)
     entry = (registry or load_registry()).find(base, ref.kind, ref.name)
+    if labels and entry is not None and entry.format == "sftstore":
+        raise RefNotFoundError(_OWN_LABELS.format(repo_id=entry.repo_id))
     for name in _stored_names(ref, entry):
         if store.list(base=base, kind=ref.kind, name=name):
             version = store.resolve(DeltaRef(ref.kind, name, ref.selector), base)
             stored_labels = store.manifest(version).get("labels") or []
             if labels and list(labels) != stored_labels:
-                raise StoreError(f"{version.ref} is stored with labels {stored_labels}, not {list(labels)}; "
-                                 f"drop --labels, or `sft rm {version.ref}` and pull it again")
+                raise StoreError(f"{version.ref} is stored with labels {stored_labels}, not {list(labels)}; drop "
+                                 f"--labels, or `sft rm {version.ref}` to pull it again with these labels")
             return version
     missing = f"no delta {DeltaRef(ref.kind, ref.name)} in the store for base {base!r}"
     if entry is None:

@@ -8,7 +8,6 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from torch import nn
 from .base_ids import is_hub_id
 from .errors import SftError
 from .network import check_endpoint, hub_timeout, network_cause, network_error
+from .redaction import redact
 
 # transformers builds the pooler only for some heads (and initialises it randomly when a checkpoint
 # lacks it), so it is left out of fingerprints; a delta may still touch it when the model has one.
@@ -109,39 +109,51 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-@lru_cache(maxsize=64)
+_ANSWERED: set[tuple[str, str | None, str]] = set()  # (base, revision, endpoint) the Hub answered for
+
+
 def _hub_unreachable(base: str, revision: str | None, endpoint: str) -> BaseException | None:
     """The connection failure that keeps the Hub at `endpoint` from answering for `base`, or None.
 
     One quick request, so a network failure is reported at once instead of after the download
     client's retries (about 25 s per file); other answers are left to `from_pretrained` to report.
+    An answer is remembered for the process; a failure is not (the network may come back).
     """
     from huggingface_hub import HfApi
 
+    if (base, revision, endpoint) in _ANSWERED:
+        return None
     try:
         HfApi(endpoint=endpoint).model_info(base, revision=revision, timeout=hub_timeout())
     except Exception as exc:  # anything but a connection failure is for from_pretrained to explain
-        return network_cause(exc)
+        cause = network_cause(exc)
+        if cause is not None:
+            return cause
+    _ANSWERED.add((base, revision, endpoint))
     return None
 
 
 @contextlib.contextmanager
-def loading_base(base: str | os.PathLike, revision: str | None = None) -> Iterator[dict]:
-    """Around a `from_pretrained(base)`: yields its extra keyword arguments (the cache only, when the Hub
-    is unreachable) and turns a failure into one `SftError` that says what to do."""
+def loading_base(base: str | os.PathLike, revision: str | None = None, offline: bool | None = None) -> Iterator[dict]:
+    """Around a `from_pretrained(base)`: yields its extra keyword arguments (the local cache only when
+    `offline`, `HF_HUB_OFFLINE` is set or the Hub is unreachable) and turns a failure into one
+    `SftError` that says what to do (secrets redacted)."""
     from huggingface_hub import constants
 
     base = os.fspath(base)
-    remote = is_hub_id(base) and not constants.HF_HUB_OFFLINE
+    offline = constants.HF_HUB_OFFLINE if offline is None else offline
+    remote = is_hub_id(base) and not offline
     unreachable = _hub_unreachable(base, revision, check_endpoint()) if remote else None
     try:
-        yield {"local_files_only": True} if unreachable is not None else {}
+        yield {"local_files_only": True} if offline or unreachable is not None else {}
     except (OSError, ValueError) as exc:
         cause = unreachable or network_cause(exc)
         if cause is not None:
             raise network_error(f"base model {base!r}", cause) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SftError(f"cannot load base model {base!r}: {first_line}") from None
+        if offline and is_hub_id(base):
+            first_line = "not in the local Hugging Face cache, and offline mode forbids downloading it"
+        raise SftError(f"cannot load base model {base!r}: {redact(first_line)}") from None
 
 
 def load_model(
@@ -149,8 +161,10 @@ def load_model(
     task_type: str | None = None,
     labels: Sequence[str] = (),
     revision: str | None = None,
+    offline: bool | None = None,
 ) -> nn.Module:
-    """Load a base model (Hub id or local directory) in float32 with the head its task type needs."""
+    """Load a base model (Hub id or local directory) in float32 with the head its task type needs
+    (`offline`: from the local cache only; default: `HF_HUB_OFFLINE`)."""
     kwargs: dict = {"dtype": torch.float32}
     if revision:
         kwargs["revision"] = revision
@@ -161,7 +175,7 @@ def load_model(
             label2id={label: i for i, label in enumerate(labels)},
         )
     model_class = model_class_for(task_type)
-    with _quiet_transformers(), loading_base(base, revision) as hub_kwargs:
+    with _quiet_transformers(), loading_base(base, revision, offline) as hub_kwargs:
         model = model_class.from_pretrained(os.fspath(base), **kwargs, **hub_kwargs)
     return model.eval()
 

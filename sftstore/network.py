@@ -53,10 +53,12 @@ def bound_hub_waits() -> None:
 
 def network_cause(exc: BaseException) -> BaseException | None:
     """The connection failure behind `exc` (itself, or along its cause/context chain), if any."""
+    from huggingface_hub.errors import OfflineModeIsEnabled  # a ConnectionError, but nothing failed
+
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, _transport_errors()):
+        if isinstance(current, _transport_errors()) and not isinstance(current, OfflineModeIsEnabled):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_bytes, fsync_dir, remove_stale_temp_files
+from .base_ids import base_id_aliases, canonical_base_id
 from .delta import SparseDelta
 from .errors import RefNotFoundError, StoreError
 from .format import (
@@ -179,12 +180,21 @@ class DeltaStore:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.index_path, timeout=60, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=60000")
+        """A connection to the index; an index SQLite cannot use is a `StoreError` naming it."""
         try:
+            db = sqlite3.connect(self.index_path, timeout=60, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.index_path}: cannot open the store's index ({exc}); check SFTSTORE_HOME") from None
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=60000")
             yield db
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise
+            raise StoreError(f"{self.index_path}: the store's index cannot be used ({exc}); check SFTSTORE_HOME, "
+                             "or move the file away to start an empty store") from None
         finally:
             db.close()
 
@@ -227,7 +237,7 @@ class DeltaStore:
         files = complete_artifact(files, manifest) if files is not None else artifact_files(delta)
         manifest = manifest or json.loads(files[CONFIG_FILE])
         shas = {name: self._put_blob(data) for name, data in files.items()}
-        base, kind, name = delta.config.base_model.id, delta.kind, delta.name
+        base, kind, name = canonical_base_id(delta.config.base_model.id), delta.kind, delta.name
         with self._write() as db:
             for file_name, sha in shas.items():  # gc may have run between the writes and the lock
                 if not self.blob_path(sha).exists():
@@ -302,7 +312,11 @@ class DeltaStore:
     def list(self, base: str | None = None, kind: str | None = None, name: str | None = None) -> list[StoredVersion]:
         """Every stored version, optionally filtered by base, kind and name."""
         clauses, params = [], []
-        for column, value in (("d.base", base), ("d.kind", kind), ("d.name", name)):
+        if base is not None:  # any Hub id of the base: deltas filed under a renamed id are still found
+            aliases = base_id_aliases(base)
+            clauses.append(f"d.base IN ({', '.join('?' * len(aliases))})")
+            params += aliases
+        for column, value in (("d.kind", kind), ("d.name", name)):
             if value is not None:
                 clauses.append(f"{column}=?")
                 params.append(value)

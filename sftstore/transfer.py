@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -69,6 +70,8 @@ class _ExpectedHash:
 
 def _translate(exc: Exception, where: str) -> SftError | None:
     """The `SftError` that explains a `huggingface_hub` or connection error, or None for anything else."""
+    if isinstance(exc, OfflineModeIsEnabled):
+        return HubError(f"{where}: this needs the Hub, and offline mode is on (HF_HUB_OFFLINE); unset it to go online")
     cause = network_cause(exc)
     if cause is not None:
         return network_error(where, cause)
@@ -150,22 +153,36 @@ def _cached_hash(path: Path) -> _ExpectedHash | None:
     return _ExpectedHash(git_blob=etag) if _HEX40.fullmatch(etag) else None
 
 
+def _mismatch(expected: _ExpectedHash, sha256: str, git_blob: str, size: int) -> bool:
+    return bool((expected.sha256 and sha256 != expected.sha256) or (expected.git_blob and git_blob != expected.git_blob)
+                or (expected.size is not None and size != expected.size))
+
+
+def _evict(path: Path) -> None:
+    """Remove a damaged file from the Hugging Face cache (its blob and its snapshot entry), so the next
+    pull downloads it again instead of failing on the same bytes."""
+    for doomed in (path.resolve(), path):
+        doomed.unlink(missing_ok=True)
+
+
 def _verify(directory: Path, where: str, reported: dict[str, _ExpectedHash] | None) -> dict[str, str]:
-    """Hash every downloaded file and compare it with what the Hub reports; return name -> sha256."""
+    """Hash every downloaded file and compare it with what the Hub reports (offline: with what the cache
+    recorded); return name -> sha256. A file that cannot be verified or does not match is refused."""
     hashes = {}
     for path in sorted(p for p in directory.iterdir() if p.is_file()):
         expected = reported.get(path.name) if reported is not None else _cached_hash(path)
+        if expected is None or not (expected.sha256 or expected.git_blob):
+            why = ("the Hub reports no hash for it" if reported is not None else
+                   "the Hugging Face cache keeps a copy without its hash (no symlinks here); pull online")
+            raise HubError(f"{where}: {path.name} cannot be verified: {why}; nothing stored")
         sha256, git_blob = _file_hashes(path)
-        if reported is not None and (expected is None or not (expected.sha256 or expected.git_blob)):
-            raise HubError(f"{where}: the Hub reports no hash for {path.name}, so it cannot be verified; nothing stored")
-        if expected is not None and (
-            (expected.sha256 and sha256 != expected.sha256) or (expected.git_blob and git_blob != expected.git_blob)
-            or (expected.size is not None and path.stat().st_size != expected.size)
-        ):
+        if _mismatch(expected, sha256, git_blob, path.stat().st_size):
+            _evict(path)
             wanted = f"sha256 {expected.sha256}" if expected.sha256 else f"git blob {expected.git_blob}"
             raise HubError(
                 f"{where}: {path.name} does not match the hash the Hub reports ({wanted}; got sha256 {sha256}); "
-                "the download or the file on the server is damaged; nothing stored"
+                "the download or the file on the server is damaged; nothing stored (the damaged copy was "
+                "removed from the cache: pull again)"
             )
         hashes[path.name] = sha256
     return hashes

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from huggingface_hub import HfApi, ModelCard
 
-from sftstore import BaseModelMismatchError, RefNotFoundError, SparseDelta
+from sftstore import BaseModelMismatchError, RefNotFoundError, SftError, SparseDelta
 from sftstore.demo import NER_LABELS, synthetic_delta
 from sftstore.format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE
 from sftstore.hub import pull_from_hub, push_to_hub
@@ -433,3 +433,82 @@ def test_labels_given_on_the_command_line_make_an_entry_without_labels_compose(
     assert DeltaStore().manifest(DeltaStore().resolve("task/pos"))["labels"] == pos_labels
     other = runner.invoke(cli, ["compose", "--base", base, "--task", "pos", "--labels", "A,B"])
     assert other.exit_code == 1 and "is stored with labels" in other.output
+
+
+def test_an_offline_pull_refuses_cached_copies_it_cannot_verify(hub_env, store, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.file_download.are_symlinks_supported", lambda *args, **kwargs: False)
+    push_to_hub(store, "lang/hau@1", REPO)
+    pull_from_hub(other_store(tmp_path, monkeypatch, "first"), REPO, "v1")  # online: verified, cached as copies
+    hub_env.set_offline()
+    offline_store = other_store(tmp_path, monkeypatch, "second")
+    with pytest.raises(HubError, match="cannot be verified: the Hugging Face cache keeps a copy"):
+        pull_from_hub(offline_store, REPO, "v1")
+    assert offline_store.list() == []
+
+
+def test_a_damaged_download_is_dropped_from_the_cache_so_a_later_pull_succeeds(hub_env, store, tmp_path, monkeypatch):
+    push_to_hub(store, "lang/hau@1", REPO)
+    hub_env.server.tamper(REPO, TENSORS_FILE, _same_size_change(TENSORS_FILE, hub_env.server.files(REPO)[TENSORS_FILE]))
+    remote = other_store(tmp_path, monkeypatch)
+    with pytest.raises(HubError, match="removed from the cache: pull again"):
+        pull_from_hub(remote, REPO, "v1")
+    hub_env.server.tamper(REPO, TENSORS_FILE, None)  # the server serves the right bytes again
+    assert pull_from_hub(remote, REPO, "v1").created
+
+
+def test_a_push_cut_off_before_its_tag_is_finished_by_the_next_push(hub_env, store, monkeypatch):
+    create_tag = HfApi.create_tag
+    monkeypatch.setattr(HfApi, "create_tag", lambda *args, **kwargs: (_ for _ in ()).throw(ConnectionError("cut")))
+    with pytest.raises(SftError):
+        push_to_hub(store, "lang/hau@1", REPO)
+    commits = len(hub_env.server.commits(REPO))
+    monkeypatch.setattr(HfApi, "create_tag", create_tag)
+    result = push_to_hub(store, "lang/hau@1", REPO)
+    assert len(hub_env.server.commits(REPO)) == commits  # no second "Add lang/hau v1" commit
+    assert hub_env.server.refs(REPO)["tags"] == {"v1": result.commit} == {"v1": hub_env.server.refs(REPO)["branches"]["main"]}
+
+
+def test_a_composable_sft_pull_verifies_clean(hub_env, base_model, tiny_bert_dir, tmp_path, monkeypatch):
+    delta = synthetic_delta(base_model, 0.05, 8, kind="language", language="hau")
+    directory = tmp_path / "published"
+    to_composable_sft(delta, directory, "bert")
+    (directory / "README.md").write_text("# their card\n")  # a published repository has its own card
+    hub_env.api().create_repo("cambridge/hau")
+    hub_env.api().upload_folder(repo_id="cambridge/hau", folder_path=str(directory))
+    registry_file(tmp_path, monkeypatch, [entry(tiny_bert_dir.resolve(), "language", "hau", "cambridge/hau",
+                                                fmt="composable-sft")])
+    version = pull_from_hub(DeltaStore(), "cambridge/hau").version
+    assert set(version.source["files_sha256"]) == {COMPOSABLE_SFT_FILE}
+    assert DeltaStore().verify() == []
+
+
+def test_labels_for_an_sftstore_entry_are_refused_clearly(hub_env, store, tiny_bert_dir, tmp_path, monkeypatch):
+    push_to_hub(store, "task/ner", "tester/tiny-ner")
+    base = str(tiny_bert_dir.resolve())
+    registry_file(tmp_path, monkeypatch, [entry(base, "task", "ner", "tester/tiny-ner")])
+    other_store(tmp_path, monkeypatch)
+    for command in (["compose", "--base", base, "--task", "ner", "--labels", "A,B"],
+                    ["pull", "tester/tiny-ner", "--labels", "A,B"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 1 and "--labels applies to composable-sft deltas only" in result.output
+    assert DeltaStore().list() == []
+
+
+def test_a_delta_filed_under_a_renamed_base_id_is_found_under_both(hub_env, base_model, tmp_path, monkeypatch):
+    delta = synthetic_delta(base_model, 0.05, 8, kind="language", language="hau")
+    delta.config.base_model.id = "FacebookAI/xlm-roberta-base"
+    store = DeltaStore()
+    version, _ = store.add(delta)
+    assert version.base == "xlm-roberta-base"
+    assert store.resolve("lang/hau", "FacebookAI/xlm-roberta-base") == store.resolve("lang/hau", "xlm-roberta-base")
+    push_to_hub(store, "lang/hau", REPO)
+    store.add(synthetic_delta(base_model, 0.05, 9, kind="language", language="hau"))  # v2, base: the tiny dir
+    remote = other_store(tmp_path, monkeypatch)
+    pulled = pull_from_hub(remote, REPO, base="FacebookAI/xlm-roberta-base")
+    assert pulled.version.base == "xlm-roberta-base"
+    hub_env.server.clear_requests()
+    from sftstore.hub import resolve_or_pull
+    from sftstore.naming import DeltaRef
+
+    assert resolve_or_pull(remote, DeltaRef("language", "hau"), "FacebookAI/xlm-roberta-base") == pulled.version
+    assert hub_env.server.requests == []  # stored under the legacy id: never pulled again

@@ -16,8 +16,8 @@ import pytest
 import sftstore
 
 PACKAGE = Path(sftstore.__file__).parent
-ARTIFACT = {"__init__", "errors", "_io", "naming", "settings", "base_ids", "languages", "network", "modeling", "config",
-            "subnetworks", "card", "delta", "format", "interop"}
+ARTIFACT = {"__init__", "errors", "_io", "naming", "settings", "base_ids", "languages", "network", "redaction", "modeling",
+            "config", "subnetworks", "card", "delta", "format", "interop"}
 ALLOWED = {
     **{module: ARTIFACT for module in ARTIFACT},
     "store": ARTIFACT,
@@ -42,14 +42,17 @@ def sftstore_imports(path: Path) -> list[tuple[str, bool]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[: len(package) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else [])) or "__init__"
+                parts = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
             elif node.module and node.module.split(".")[0] in ("sftstore", "sftstore_cli"):
-                target = node.module.removeprefix("sftstore.").removeprefix("sftstore")
-                target = target or "__init__"
+                parts = node.module.split(".")[1:] if node.module.startswith("sftstore.") or node.module == "sftstore" \
+                    else [node.module]
             else:
                 continue
-            found.append((target, id(node) in top_level))
+            for alias in node.names:  # `from . import store` imports the module `store`
+                submodule = parts + [alias.name]
+                is_module = (PACKAGE.joinpath(*submodule).with_suffix(".py").is_file()
+                             or PACKAGE.joinpath(*submodule).is_dir())
+                found.append((".".join(submodule if is_module else parts) or "__init__", id(node) in top_level))
         elif isinstance(node, ast.Import):
             found += [(alias.name.removeprefix("sftstore."), id(node) in top_level) for alias in node.names
                       if alias.name.split(".")[0] in ("sftstore", "sftstore_cli")]

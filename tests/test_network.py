@@ -108,3 +108,37 @@ def test_an_unusable_path_is_one_clear_line(stored, tiny_bert_dir, tmp_path, mak
     last = result.output.splitlines()[-1]  # `demo` prints its steps first
     expected = "a path or name contains a NUL byte" if "\0" in target else f"{target}: Not a directory (a part"
     assert last.startswith(f"Error: {expected}"), result.output
+
+
+def test_an_unusable_store_index_is_one_line(store_home):
+    store_home.mkdir(parents=True)
+    (store_home / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "index.sqlite: the store's index cannot be used" in result.output and "SFTSTORE_HOME" in result.output
+
+
+def test_push_in_offline_mode_says_offline_mode_is_on(hub_env, stored):
+    hub_env.set_offline()
+    result = CliRunner().invoke(cli, ["push", "lang/hau@1", "--repo", "tester/hau", "--base", HUB_BASE])
+    assert result.exit_code == 1 and "offline mode is on (HF_HUB_OFFLINE); unset it" in result.output, result.output
+
+
+def test_a_network_failure_is_not_remembered(monkeypatch, closed_hub):
+    from huggingface_hub import HfApi
+
+    from sftstore.modeling import loading_base
+
+    answers = [ConnectionError("down"), None]  # the network comes back
+
+    def model_info(self, *args, **kwargs):
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    with loading_base(HUB_BASE) as first:
+        pass
+    with loading_base(HUB_BASE) as second:
+        pass
+    assert first == {"local_files_only": True} and second == {} and answers == []
