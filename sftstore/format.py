@@ -20,9 +20,10 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, remove_stale_temp_files
 from .card import render_model_card
-from .config import DERIVED_FIELDS, FORMAT_VERSION, OPTIONAL_DERIVED_FIELDS, DeltaConfig
+from .bounded_json import brief, load_json, parse_int
+from .config import FORMAT_VERSION, MANIFEST_REQUIRED, MAX_MANIFEST_BYTES, DeltaConfig
 from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
 from .errors import DeltaFormatError
 from .subnetworks import SubnetworkMasks
@@ -38,6 +39,8 @@ INDICES_SUFFIX = "::indices"
 VALUES_SUFFIX = "::values"
 _MAX_NUMEL = 2**62  # larger shapes in metadata are refused (no real parameter comes near)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+# A JSON string (its closing quote optional, so an unterminated one cannot make the scan backtrack), or a bracket.
 
 
 def serialize_tensors(delta: SparseDelta) -> bytes:
@@ -122,6 +125,7 @@ def write_artifact(files: dict[str, bytes], directory: str | os.PathLike) -> Pat
     atomically, removing a masks file the new manifest does not bind."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(directory)
     if MASKS_FILE not in files:
         (directory / MASKS_FILE).unlink(missing_ok=True)
     for name, data in files.items():
@@ -162,21 +166,12 @@ def delta_from_files(files: Mapping[str, bytes], directory: str | os.PathLike, d
 
 
 def parse_manifest(data: bytes, config_path: Path) -> tuple[dict[str, Any], DeltaConfig]:
-    """Parse and validate a manifest's bytes: the raw dict and its `DeltaConfig`."""
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DeltaFormatError(f"{config_path}: not a readable JSON manifest ({exc})") from None
-    config = DeltaConfig.from_dict(raw, str(config_path))
-    missing = [name for name in DERIVED_FIELDS if name not in raw]
-    if missing:
-        raise DeltaFormatError(f"{config_path}: missing required field(s): {', '.join(missing)}")
-    for name, expected in (("format_version", int), ("nnz", int), ("density", (int, float)), ("values_dtype", str),
-                           ("tensors_sha256", str), ("masks_sha256", str)):
-        if name in OPTIONAL_DERIVED_FIELDS and name not in raw:
-            continue
-        if isinstance(raw[name], bool) or not isinstance(raw[name], expected):
-            raise DeltaFormatError(f"{config_path}: field '{name}' is {raw[name]!r}; expected a {getattr(expected, '__name__', 'number')}")
+    """Parse and validate a manifest's bytes, bounded in size and nesting before JSON parsing, every field
+    checked against the schema (`config.FIELD_RULES`): the raw dict and its `DeltaConfig`."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise DeltaFormatError(f"{config_path}: {len(data):,} bytes; a manifest has at most {MAX_MANIFEST_BYTES:,}")
+    raw = load_json(data, config_path, "a readable JSON manifest", parse_int=parse_int)
+    config = DeltaConfig.from_dict(raw, str(config_path), required=MANIFEST_REQUIRED)
     if raw["format_version"] != FORMAT_VERSION:
         raise DeltaFormatError(
             f"{config_path}: field 'format_version' is {raw['format_version']!r}; this sftstore reads version {FORMAT_VERSION}"
@@ -262,13 +257,25 @@ def _check_head(delta: SparseDelta, tensors_path: Path) -> None:
         )
 
 
-def _read_metadata(data: bytes, path: Path, format_name: str = FORMAT_NAME) -> dict[str, str]:
+def _read_header(data: bytes, path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, bounded in size and nesting, a key given twice refused."""
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_len])
-        metadata = header.get("__metadata__") or {}
-    except (struct.error, ValueError, AttributeError) as exc:
-        raise DeltaFormatError(f"{path}: not a safetensors file ({exc})") from None
+    except struct.error as exc:
+        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
+    if header_len > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated (a header of {header_len:,} bytes "
+                               f"in a file of {len(data):,})")
+    header = load_json(data[8 : 8 + header_len], path, "a valid safetensors file (its header is not JSON)")
+    if not isinstance(header, dict):
+        raise DeltaFormatError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
+    return header
+
+
+def _read_metadata(header: dict[str, Any], path: Path, format_name: str) -> dict[str, str]:
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise DeltaFormatError(f"{path}: '__metadata__' is {brief(metadata)}; expected an object")
     if metadata.get("format") != format_name:
         raise DeltaFormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}; expected {format_name!r}")
     if metadata.get("format_version") != str(FORMAT_VERSION):
@@ -282,11 +289,12 @@ def _load_safetensors(
     data: bytes, path: Path, format_name: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
     """The tensors, the metadata 'shapes' object and the metadata of a safetensors file of `format_name`."""
+    header = _read_header(data, path)
     try:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own error types (and others on garbage)
         raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
-    metadata = _read_metadata(data, path, format_name)
+    metadata = _read_metadata(header, path, format_name)
     try:
         shapes = json.loads(metadata.get("shapes", ""))
         if not isinstance(shapes, dict):

@@ -6,7 +6,6 @@ or the `path` argument points at another file with the same schema (see `registr
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .base_ids import canonical_base_id
+from .bounded_json import load_json
 from .errors import SftError
 from .languages import equivalent_codes
 from .naming import KINDS, validate_name, validate_repo_id
@@ -159,8 +159,8 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
     """Read and validate a registry file; every (base, kind, name-or-alias) must be unique."""
     path = Path(path) if path is not None else default_registry_path()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = load_json(path.read_bytes(), path, "a readable JSON registry", RegistryError)
+    except OSError as exc:
         raise RegistryError(f"{path}: not a readable JSON registry ({exc})") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or not isinstance(data.get("entries"), list):
         raise RegistryError(f"{path}: expected {{\"schema_version\": {SCHEMA_VERSION}, \"entries\": [...]}}")

@@ -32,6 +32,7 @@ from huggingface_hub.errors import (
 )
 
 from .base_ids import is_hub_id
+from .bounded_json import load_json
 from .delta import SparseDelta
 from .errors import SftError
 from .format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, load_delta
@@ -233,10 +234,7 @@ def remote_manifest(api: HfApi, repo_id: str, revision: str | None) -> dict | No
                                endpoint=api.endpoint)
     except (EntryNotFoundError, RevisionNotFoundError):
         return None
-    try:
-        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HubError(f"{repo_id}: {CONFIG_FILE} on the Hub is not readable JSON ({exc})") from None
+    manifest = load_json(Path(path).read_bytes(), f"{repo_id}: {CONFIG_FILE} on the Hub", "readable JSON", HubError)
     return manifest if isinstance(manifest, dict) else {}
 
 

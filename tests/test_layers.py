@@ -16,8 +16,8 @@ import pytest
 import sftstore
 
 PACKAGE = Path(sftstore.__file__).parent
-ARTIFACT = {"__init__", "errors", "_io", "naming", "settings", "base_ids", "languages", "network", "redaction", "modeling",
-            "config", "subnetworks", "card", "delta", "format", "interop"}
+ARTIFACT = {"__init__", "errors", "_io", "naming", "settings", "base_ids", "bounded_json", "languages", "network", "redaction",
+            "modeling", "config", "subnetworks", "card", "delta", "format", "interop"}
 ALLOWED = {
     **{module: ARTIFACT for module in ARTIFACT},
     "store": ARTIFACT,

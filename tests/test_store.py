@@ -258,7 +258,7 @@ def test_stale_temp_files_go_at_the_next_write_or_gc_and_live_writers_keep_their
     host = _io._HOST
     live = temp_file(store.tmp_dir, host, os.getpid())
     other_host_young = temp_file(store.tmp_dir, "elsewhere", 1)
-    other_host_old = temp_file(store.tmp_dir, "elsewhere", 1, age_seconds=2 * _io.STALE_AFTER_SECONDS)
+    temp_file(store.tmp_dir, "elsewhere", 1, age_seconds=2 * _io.STALE_AFTER_SECONDS)  # stale by age
     killed = temp_file(store.tmp_dir, host, dead_pid())
     unrelated = store.tmp_dir / "notes.txt"
     unrelated.write_text("not ours")

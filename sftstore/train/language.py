@@ -17,6 +17,7 @@ from torch import nn
 from transformers import DataCollatorForLanguageModeling
 
 from .. import __version__
+from ..config import measured
 from ..delta import SparseDelta, config_for_base
 from ..modeling import load_model, load_tokenizer
 from ..settings import base_key
@@ -86,7 +87,7 @@ def train_language_delta(
             "wall_seconds": round(time.time() - started, 1),
             "library": f"sftstore {__version__}",
         },
-        metrics={"held_out_mlm_loss": best},
+        metrics={"held_out_mlm_loss": measured(best)},
     )
     return SparseDelta(result.params, config)
 

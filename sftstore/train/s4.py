@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
 from ..compose import check_base
+from ..config import measured
 from ..delta import SparseDelta
 from ..modeling import base_parameters, fingerprint, load_model, load_tokenizer
 from ..settings import base_key
@@ -435,7 +436,7 @@ def train_s4(
             "wall_seconds": round(time.time() - started, 1),
             "library": f"sftstore {__version__}",
         },
-        metrics={f"dev_{metric}": trainer.state.best_metric} if dev is not None and trainer.state.best_metric is not None else {},
+        metrics={f"dev_{metric}": measured(trainer.state.best_metric)} if dev is not None and trainer.state.best_metric is not None else {},
         lineage={"adapted_from": {"kind": task_delta.kind, "name": task_delta.name,
                                   "created_at": task_delta.config.created_at, "nnz": task_delta.nnz},
                  "target_languages": names},

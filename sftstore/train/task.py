@@ -21,6 +21,7 @@ from transformers import DataCollatorForTokenClassification, DataCollatorWithPad
 
 from .. import __version__
 from ..compose import check_base
+from ..config import measured
 from ..delta import SparseDelta, config_for_base
 from ..modeling import fingerprint, load_model, load_tokenizer
 from ..settings import base_key
@@ -160,7 +161,7 @@ def train_task_delta(
             "wall_seconds": round(time.time() - started, 1),
             "library": f"sftstore {__version__}",
         },
-        metrics={f"dev_{metric}": result.log["phases"][-1]["best_metric"]},
+        metrics={f"dev_{metric}": measured(result.log["phases"][-1]["best_metric"])},
         lineage=dict(lineage or {}),
     )
     return SparseDelta(result.params, config, result.head)
