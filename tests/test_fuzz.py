@@ -159,6 +159,10 @@ def test_mutated_artifacts_give_a_clean_error_or_a_valid_delta(request, which, n
             assert store.list() == versions and sorted(p.name for p in store.blobs_dir.iterdir()) == blobs, case
             continue
         outcomes["valid"] += 1
+        try:  # a delta that loads must also store (or be refused with the store unchanged)
+            store.import_directory(directory)
+        except SftError:
+            assert store.list() == versions and sorted(p.name for p in store.blobs_dir.iterdir()) == blobs, case
         try:
             handle = delta.apply(ner_model)
         except SftError:
