@@ -108,9 +108,10 @@ def _convert_composable_sft(directory: Path, repo_id: str, entry: RegistryEntry 
     task_type = entry.task_type if entry.kind == "task" else None
     head_labels = list(labels or entry.labels) if entry.kind == "task" else []
     base_model = load_model(entry.base_model, task_type, head_labels, offline=offline)
+    lineage = {"source_languages": list(entry.source_languages)} if entry.source_languages else {}
     return from_composable_sft(
         directory / COMPOSABLE_SFT_FILE, base_model, kind=entry.kind, name=entry.name, base_id=entry.base_model,
-        task_type=task_type, labels=head_labels, license=entry.license,
+        task_type=task_type, labels=head_labels, license=entry.license, lineage=lineage,
     )
 
 

@@ -49,6 +49,7 @@ class RegistryEntry:
     aliases: tuple[str, ...] = ()
     task_type: str | None = None
     labels: tuple[str, ...] = ()
+    source_languages: tuple[str, ...] = ()  # a task delta's training languages, where its publisher says
 
     def matches(self, name: str) -> bool:
         return name == self.name or name in self.aliases
@@ -144,7 +145,7 @@ def _entry(raw: object, where: str) -> RegistryEntry:
     for key in ("base_model", "revision", "source"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise fail(f"field '{key}' must be a non-empty string")
-    for key in ("aliases", "labels"):
+    for key in ("aliases", "labels", "source_languages"):
         if not isinstance(raw.get(key, []), list) or not all(isinstance(x, str) for x in raw.get(key, [])):
             raise fail(f"field '{key}' must be a list of strings")
     try:
@@ -152,7 +153,7 @@ def _entry(raw: object, where: str) -> RegistryEntry:
             validate_name(name)
     except SftError as exc:
         raise fail(str(exc)) from None
-    return RegistryEntry(**{**raw, "aliases": tuple(raw.get("aliases", ())), "labels": tuple(raw.get("labels", ()))})
+    return RegistryEntry(**{**raw, **{key: tuple(raw.get(key, ())) for key in ("aliases", "labels", "source_languages")}})
 
 
 def load_registry(path: str | os.PathLike | None = None) -> Registry:

@@ -350,7 +350,7 @@ def test_registry_names_resolve_the_same_with_and_without_pull_and_are_never_pul
     registry_file(tmp_path, monkeypatch, [
         entry(base, "language", "hau", "cambridge/hau", fmt="composable-sft"),
         entry(base, "task", "masakhaner", "cambridge/masakhaner", fmt="composable-sft", aliases=["ner"],
-              task_type="token-classification", labels=list(NER_LABELS)),
+              task_type="token-classification", labels=list(NER_LABELS), source_languages=["en"]),
     ])
     runner = CliRunner()
     command = ["compose", "--base", base, "--task", "ner", "--lang", "ha", "--device", "cpu"]  # alias, ISO 639-1
@@ -363,6 +363,9 @@ def test_registry_names_resolve_the_same_with_and_without_pull_and_are_never_pul
         assert again.exit_code == 0 and "composed task/masakhaner@1 + lang/hau@1" in again.output, again.output
     assert hub_env.server.requests == []  # what is stored is never pulled again
     assert [v.ref for v in DeltaStore().list()] == ["lang/hau@1", "task/masakhaner@1"]
+    task = DeltaStore().resolve("task/masakhaner")  # the publisher's source language reaches the card
+    card = ModelCard(DeltaStore().blob_path(task.card_sha256).read_text()).data.to_dict()
+    assert DeltaStore().manifest(task)["lineage"]["source_languages"] == ["en"] and card["language"] == ["en"]
 
 
 def test_main_points_at_the_highest_pushed_version(hub_env, store, tmp_path, monkeypatch):

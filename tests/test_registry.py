@@ -202,6 +202,13 @@ def test_shipped_task_entries_compose_or_say_why_not():
     assert all(e.unsupported is None for e in load_registry().entries if e.kind == "language")
 
 
+def test_every_shipped_task_entry_says_its_source_languages():
+    tasks = {e.name: e.source_languages for e in load_registry().entries if e.kind == "task"}
+    assert {name: langs for name, langs in tasks.items() if not name.endswith("-ms")} == {
+        "dp": ("en",), "pos": ("en",), "masakhaner": ("en",), "nli": ("en",), "nusax_senti": ("id",)}
+    assert all(len(langs) >= 7 and len(set(langs)) == len(langs) for name, langs in tasks.items() if name.endswith("-ms"))
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
