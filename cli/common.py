@@ -10,12 +10,12 @@ import click
 from rich.console import Console
 
 from sftstore import SftError
-from sftstore.network import bound_hub_waits, network_cause, network_error
+from sftstore.network import network_cause, network_error
 from sftstore.redaction import redact, redact_logs, remember_secret
 from sftstore.settings import base_key, config_path, default_base
 from sftstore.store import DeltaStore
 
-console = Console()
+console = Console(markup=False)  # values from manifests and servers are never markup
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 TOKEN_OPTION = click.option(
     "--token", default=None, callback=lambda ctx, param, value: remember_secret(value) or value,
@@ -33,9 +33,11 @@ class SftGroup(click.Group):
     def invoke(self, ctx: click.Context):
         redact_logs("huggingface_hub", "transformers")
         try:
-            bound_hub_waits()
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.exceptions.ClickException as exc:  # usage errors echo arguments, a token among them
+            exc.message = redact(exc.message)
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
             if os.environ.get("SFTSTORE_DEBUG"):

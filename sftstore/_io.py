@@ -1,9 +1,10 @@
 """Durable, atomic file writes: temp file in the same folder, fsync, rename, fsync the folder.
 
 Temp files are named `.<target>.sft-<host>-<pid>-<random>.tmp`, so the files a killed writer left
-behind can be told from those a live one is writing: `remove_stale_temp_files` deletes at once
-those of a process of this host that is gone, and any older than a grace period (another host's
-writer cannot be asked).
+behind can be told from those a live one is writing: `remove_stale_temp_files` deletes those of a
+process of this host that is gone (once a minute old: a writer in another PID namespace with the
+same host name is not fooled into losing a file it is still writing), and any older than an hour
+(another host's writer cannot be asked).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
 _TEMP_RE = re.compile(r"\..+\.sft-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]+\.tmp")
 STALE_AFTER_SECONDS = 3600  # a temp file of another host's writer is stale after this long
+GONE_WRITER_GRACE_SECONDS = 60  # a temp file of a process of this host that is gone, after this long
 
 
 def fsync_dir(directory: Path) -> None:
@@ -56,21 +58,25 @@ def _writer_is_gone(host: str, pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:  # alive, another user's
+    except (PermissionError, OverflowError, ValueError):  # alive (another user's), or no PID at all
         return False
     return False
 
 
-def remove_stale_temp_files(directory: Path, stale_after: float = STALE_AFTER_SECONDS) -> list[Path]:
-    """Delete the temp files killed writers left in `directory`: at once when their process (on this host)
-    is gone, otherwise once older than `stale_after` seconds. Return what was deleted."""
-    removed, cutoff = [], time.time() - stale_after
+def remove_stale_temp_files(directory: Path, stale_after: float = STALE_AFTER_SECONDS,
+                            only_ours: bool = True) -> list[Path]:
+    """Delete the temp files killed writers left in `directory`: a minute after their process (on this host)
+    is gone, otherwise once older than `stale_after` seconds. `only_ours=False` (a folder of temp files
+    only, such as the store's) also deletes files of other names once that old. Return what was deleted."""
+    removed, now = [], time.time()
     for path in Path(directory).iterdir():
         match = _TEMP_RE.fullmatch(path.name)
-        if match is None:
+        if match is None and only_ours:
             continue
         try:  # the writer may rename or delete its file meanwhile
-            if _writer_is_gone(match["host"], int(match["pid"])) or path.stat().st_mtime < cutoff:
+            age = now - path.stat().st_mtime
+            gone = match is not None and _writer_is_gone(match["host"], int(match["pid"]))
+            if age > stale_after or (gone and age > GONE_WRITER_GRACE_SECONDS):
                 path.unlink()
                 removed.append(path)
         except FileNotFoundError:

@@ -8,11 +8,12 @@ to the prose table.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from huggingface_hub import EvalResult, ModelCardData
+from typing import TYPE_CHECKING, Any
 
 from .base_ids import spelled_like_hub_id
+
+if TYPE_CHECKING:  # imported when a card is rendered: reading a store needs no huggingface_hub
+    from huggingface_hub import EvalResult, ModelCardData
 
 # The Hub pipeline tag of each task type that has one.
 _PIPELINE_TAGS = {
@@ -124,6 +125,8 @@ def _numeric_metrics(manifest: dict[str, Any]) -> dict[str, float | int]:
 
 def _eval_results(manifest: dict[str, Any]) -> list[EvalResult]:
     """One `EvalResult` per numeric metric (`dev_f1` -> metric type `f1` on the dev set)."""
+    from huggingface_hub import EvalResult
+
     task_type = manifest.get("task_type")
     task = _pipeline_tag(manifest) or (task_type if isinstance(task_type, str) and task_type else "other")
     training = _mapping(manifest.get("training"))
@@ -141,6 +144,8 @@ def _eval_results(manifest: dict[str, Any]) -> list[EvalResult]:
 def _card_data(manifest: dict[str, Any]) -> ModelCardData:
     """The card's YAML front matter: library, base model (a Hub id or none), languages, pipeline tag, licence,
     tags and `model-index`."""
+    from huggingface_hub import ModelCardData
+
     kind = manifest.get("kind")
     tags = ["sparse-fine-tuning", "sftstore", f"{kind}-delta"]
     if kind == "task" and isinstance(manifest.get("task"), str):

@@ -71,7 +71,8 @@ def _integer(minimum: int) -> Callable[[Any], bool]:
 
 
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """An int (any size: never converted to float) or a finite float; not a bool."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _is_names(value: Any) -> bool:
@@ -245,7 +246,11 @@ class DeltaConfig:
             problem = json_problem(value, depth=2)  # the manifest object is level 1
             if problem is not None:
                 raise DeltaFormatError(f"field {brief(name)} {problem}")
-            size += len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+            try:
+                size += len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+            except UnicodeEncodeError:
+                raise DeltaFormatError(f"field {brief(name)} holds text that is not valid Unicode (a lone "
+                                       "surrogate); expected UTF-8 text") from None
         if size > MAX_MANIFEST_BYTES:
             raise DeltaFormatError(f"the manifest's fields take {size:,} bytes as compact JSON; "
                                    f"at most {MAX_MANIFEST_BYTES:,} are allowed")

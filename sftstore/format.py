@@ -296,7 +296,7 @@ def _load_safetensors(
         raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
     metadata = _read_metadata(header, path, format_name)
     try:
-        shapes = json.loads(metadata.get("shapes", ""))
+        shapes = _metadata_json(metadata, "shapes", path)
         if not isinstance(shapes, dict):
             raise ValueError("not an object")
     except ValueError as exc:
@@ -309,10 +309,18 @@ def _load_safetensors(
     return tensors, {name: tuple(shape) for name, shape in shapes.items()}, metadata
 
 
+def _metadata_json(metadata: dict[str, Any], key: str, path: Path) -> Any:
+    """A JSON value held as a string in safetensors metadata, read bounded (depth, keys given twice)."""
+    value = metadata.get(key, "")
+    if not isinstance(value, str):
+        raise DeltaFormatError(f"{path}: metadata {key!r} is {brief(value)}; expected a JSON string")
+    return load_json(value.encode("utf-8", "surrogatepass"), path, "JSON")
+
+
 def _parse_masks(data: bytes, path: Path) -> SubnetworkMasks:
     tensors, shapes, metadata = _load_safetensors(data, path, MASKS_FORMAT_NAME)
     try:
-        languages = json.loads(metadata.get("languages", ""))
+        languages = _metadata_json(metadata, "languages", path)
         if not isinstance(languages, list) or not languages or not all(isinstance(lang, str) for lang in languages):
             raise ValueError("not a non-empty list of strings")
     except ValueError as exc:

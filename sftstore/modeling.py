@@ -14,8 +14,8 @@ from torch import nn
 
 from .base_ids import is_hub_id
 from .errors import SftError
-from .network import check_endpoint, hub_timeout, network_cause, network_error
-from .redaction import redact
+from .network import bound_hub_waits, check_endpoint, hub_timeout, network_cause, network_error
+from .redaction import redact, redact_logs
 
 # transformers builds the pooler only for some heads (and initialises it randomly when a checkpoint
 # lacks it), so it is left out of fingerprints; a delta may still touch it when the model has one.
@@ -143,6 +143,9 @@ def loading_base(base: str | os.PathLike, revision: str | None = None, offline: 
     base = os.fspath(base)
     offline = constants.HF_HUB_OFFLINE if offline is None else offline
     remote = is_hub_id(base) and not offline
+    if remote:
+        bound_hub_waits()
+        redact_logs("huggingface_hub", "transformers")  # their handlers exist once they are imported
     unreachable = _hub_unreachable(base, revision, check_endpoint()) if remote else None
     try:
         yield {"local_files_only": True} if offline or unreachable is not None else {}

@@ -11,7 +11,7 @@ KINDS = ("language", "task")
 _KIND_PREFIXES = {"lang": "language", "language": "language", "task": "task"}
 _KIND_TO_PREFIX = {"language": "lang", "task": "task"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
-_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID_RE = re.compile(f"{_REPO_PART}/{_REPO_PART}")
 LATEST = "latest"
 
@@ -34,8 +34,8 @@ def validate_repo_id(repo_id: object) -> str:
     """Return `repo_id` if it is a Hub repository id `ORG/NAME` (ASCII, as the Hub requires), else raise."""
     if not isinstance(repo_id, str) or not _REPO_ID_RE.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
         raise InvalidNameError(
-            f"invalid repository id {repo_id!r}: expected ORG/NAME of ASCII letters, digits, '-', '_' and '.', each part "
-            "starting and ending with a letter or digit, at most 96 characters, no '--' or '..'"
+            f"invalid repository id {repo_id!r}: expected ORG/NAME of ASCII letters, digits, '-', '_' and '.', neither "
+            "part starting or ending with '-' or '.', at most 96 characters each, no '--' or '..'"
         )
     return repo_id
 

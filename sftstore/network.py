@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import socket
 from functools import lru_cache
@@ -39,16 +40,20 @@ def hub_timeout() -> float | None:
     try:
         seconds = float(raw)
     except ValueError:
-        raise SftError(f"SFTSTORE_HUB_TIMEOUT is {raw!r}; expected a number of seconds") from None
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise SftError(f"SFTSTORE_HUB_TIMEOUT is {raw!r}; expected a number of seconds (0: wait forever)")
     return seconds if seconds > 0 else None
 
 
 def bound_hub_waits() -> None:
     """Make `huggingface_hub`'s shared HTTP client, which sets no timeout of its own, give up on a connection
-    that stays silent for `hub_timeout()` seconds (calls that pass their own timeout keep it)."""
+    that stays silent for `hub_timeout()` seconds (a timeout set by the user, or per call, is kept)."""
     from huggingface_hub import get_session
 
-    get_session().timeout = hub_timeout()
+    session = get_session()
+    if session.timeout.read is None and session.timeout.connect is None:
+        session.timeout = hub_timeout()
 
 
 def network_cause(exc: BaseException) -> BaseException | None:
@@ -66,14 +71,14 @@ def network_cause(exc: BaseException) -> BaseException | None:
 
 
 def check_endpoint() -> str:
-    """The Hub endpoint in use (`HF_ENDPOINT`), as given; a clear error when it is no http(s) URL."""
-    from huggingface_hub import constants
-
-    raw = constants.ENDPOINT or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    """The Hub endpoint in use (`HF_ENDPOINT`), as given; a clear error when it is no http(s) URL (checked
+    without importing `huggingface_hub`, which fails on some such values as it is imported)."""
+    raw = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
         parts = urlsplit(raw)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
-    except ValueError:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0 \
+            and raw == raw.strip()
+    except ValueError:  # an unclosed IPv6 bracket, a port that is no number or out of range
         valid = False
     if not valid:
         raise SftError(f"HF_ENDPOINT is {redact_url(raw)!r}; expected an http(s) URL such as https://huggingface.co "

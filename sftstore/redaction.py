@@ -8,8 +8,10 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 _HF_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{6,}")
-_BEARER_RE = re.compile(r"(?i)\b(bearer|basic|token)(\s+|=)[^\s,;'\"]+")
-_URL_CREDENTIALS_RE = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# a credential after "Bearer"/"Basic": 8 or more token characters, one of them a digit or punctuation (not a word)
+_AUTHORIZATION_RE = re.compile(r"(?i)\b(bearer|basic)(\s+)(?=[A-Za-z0-9._~+/=-]*[0-9._~+/=])[A-Za-z0-9._~+/=-]{8,}")
+_SECRET_PARAMETER_RE = re.compile(r"(?i)\b(token|access_token|api_key|apikey|password)(=)[^\s&,;'\"]+")
+_URL_CREDENTIALS_RE = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s?#]*@", re.IGNORECASE)
 MASK = "***"
 _secrets: set[str] = set()
 
@@ -35,7 +37,8 @@ def redact(text: str) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
     text = _HF_TOKEN_RE.sub(MASK, text)
-    text = _BEARER_RE.sub(lambda match: f"{match[1]}{match[2]}{MASK}", text)
+    for pattern in (_AUTHORIZATION_RE, _SECRET_PARAMETER_RE):
+        text = pattern.sub(lambda match: f"{match[1]}{match[2]}{MASK}", text)
     return _URL_CREDENTIALS_RE.sub(r"\1", text)
 
 

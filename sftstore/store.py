@@ -168,13 +168,18 @@ class DeltaStore:
         self._migrate()
 
     def _migrate(self) -> None:
-        """Bring an index written by an earlier sftstore up to this schema (adds `versions.masks_sha256`)."""
+        """Bring an index written by an earlier sftstore up to this one: add `versions.masks_sha256`, and file
+        deltas stored under a renamed Hub id of their base (`FacebookAI/xlm-roberta-base`) under the canonical id
+        (where the canonical id holds no delta of that kind and name already)."""
         with self._connect() as db:
             columns = {row[1] for row in db.execute("PRAGMA table_info(versions)")}
-        if "masks_sha256" not in columns:
+            renamed = [row for row in db.execute("SELECT id, base FROM deltas") if canonical_base_id(row[1]) != row[1]]
+        if "masks_sha256" not in columns or renamed:
             with self._write() as db:  # re-checked under the write lock: another process may have done it
                 if "masks_sha256" not in {row[1] for row in db.execute("PRAGMA table_info(versions)")}:
                     db.execute("ALTER TABLE versions ADD COLUMN masks_sha256 TEXT")
+                for delta_id, base in renamed:
+                    db.execute("UPDATE OR IGNORE deltas SET base=? WHERE id=?", (canonical_base_id(base), delta_id))
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -232,7 +237,7 @@ class DeltaStore:
         they are kept as they are, so the store holds what was published. Adding a delta whose
         tensors and manifest equal a stored version's, but for `created_at`, returns that version.
         """
-        remove_stale_temp_files(self.tmp_dir)  # what killed writers left
+        remove_stale_temp_files(self.tmp_dir, only_ours=False)  # what killed writers left
         manifest = json.loads(files[CONFIG_FILE]) if files is not None else None
         files = complete_artifact(files, manifest) if files is not None else artifact_files(delta)
         manifest = manifest or json.loads(files[CONFIG_FILE])
@@ -477,7 +482,7 @@ class DeltaStore:
                     freed += path.stat().st_size
                     path.unlink()
                     removed += 1
-            stale = len(remove_stale_temp_files(self.tmp_dir))
+            stale = len(remove_stale_temp_files(self.tmp_dir, only_ours=False))
         if removed:
             fsync_dir(self.blobs_dir)
         return GcReport(removed, freed, stale)

@@ -38,7 +38,7 @@ from .errors import SftError
 from .format import CARD_FILE, CONFIG_FILE, MASKS_FILE, TENSORS_FILE, load_delta
 from .interop import COMPOSABLE_SFT_FILE
 from .naming import validate_repo_id
-from .network import check_endpoint, hub_timeout, network_cause, network_error
+from .network import bound_hub_waits, check_endpoint, hub_timeout, network_cause, network_error
 from .redaction import redact
 
 ARTIFACT_FILES = (TENSORS_FILE, CONFIG_FILE, CARD_FILE, MASKS_FILE)
@@ -102,6 +102,7 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     `SftError`s that say what to do (secrets redacted)."""
     validate_repo_id(repo_id)
     check_endpoint()
+    bound_hub_waits()
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
         yield

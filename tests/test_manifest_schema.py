@@ -134,6 +134,8 @@ CASES = [
     ("language", "density", set_field("density", "0.05")),
     ("language", "density", set_field("density", 1.5)),
     ("language", "density", set_raw("density", "NaN")),
+    ("language", "density", set_raw("density", "9" * 400)),  # too long for a float: no OverflowError
+    ("language", "license", set_raw("license", '"\\ud800"')),  # a lone surrogate: no UnicodeEncodeError
     ("language", "values_dtype", set_field("values_dtype", 32)),
     ("language", "values_dtype", set_field("values_dtype", "int8")),
     ("language", "tensors_sha256", set_field("tensors_sha256", "A" * 64)),
@@ -289,3 +291,23 @@ def test_safetensors_header_with_a_duplicated_key_is_refused(masked_delta, tmp_p
     data, name = _with_duplicate_key((directory / file_name).read_bytes(), in_metadata)
     _rewrite(directory, file_name, data, sha_field)
     assert_refused(directory, directory / file_name, repr(name), "more than once")
+
+
+def test_metadata_json_is_bounded_too(deltas, tmp_path):
+    directory = deltas["language"].save_pretrained(tmp_path / "artifact")
+    data = (directory / TENSORS_FILE).read_bytes()
+    header, body = _split_header(data)
+    header["__metadata__"]["shapes"] = "[" * 200_000 + "]" * 200_000  # nesting hidden inside a string value
+    _rewrite(directory, TENSORS_FILE, _join_header(header, body), "tensors_sha256")
+    with pytest.raises(DeltaFormatError, match="metadata 'shapes' is not a JSON object.*nested more than"):
+        load_delta(directory)
+
+
+def _split_header(data: bytes) -> tuple[dict, bytes]:
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def _join_header(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body

@@ -65,7 +65,9 @@ def test_credentials_in_the_endpoint_are_never_printed(hub_server, stored, tmp_p
     assert files_hold(store_home, "SECRET") == []
 
 
-@pytest.mark.parametrize("endpoint", ["http://[::1", "ftp://hub.example.org", "hub.example.org", "https://", ""])
+@pytest.mark.parametrize("endpoint", ["http://[::1", "ftp://hub.example.org", "hub.example.org", "https://", "",
+                                      "https://hub.example.org:99999", "http://hub.example.org:abc",
+                                      " https://huggingface.co"])
 def test_an_invalid_endpoint_is_one_line_naming_the_variable(hub_env, monkeypatch, tmp_path, endpoint):
     from huggingface_hub import constants
 
@@ -80,7 +82,15 @@ def test_an_invalid_endpoint_is_one_line_naming_the_variable(hub_env, monkeypatc
             assert "HF_ENDPOINT is" in result.output and "expected an http(s) URL" in result.output
 
 
-@pytest.mark.parametrize("repo_id", ["../../etc/passwd", "a/b/c", "noslash", "t\u0435ster/x", "a--b/c", "a/.b", "/x"])
+def test_hub_style_repository_ids_are_accepted():
+    from sftstore.naming import validate_repo_id
+
+    for repo_id in ("org/model_", "_org/m", "Org-1/model.v2", "a/b"):
+        assert validate_repo_id(repo_id) == repo_id
+
+
+@pytest.mark.parametrize("repo_id", ["../../etc/passwd", "a/b/c", "noslash", "t\u0435ster/x", "a--b/c", "a/.b", "/x",
+                                     "a/b-", "a/b."])
 def test_an_invalid_repository_id_is_refused_before_any_request(hub_env, stored, repo_id):
     for command in (["pull", repo_id], ["push", "lang/hau@1", "--repo", repo_id]):
         result = CliRunner().invoke(cli, command)
@@ -123,6 +133,45 @@ def test_a_silent_server_is_given_up_on(stored, tmp_path, monkeypatch):
 
 def test_redact_removes_known_secrets_tokens_and_url_credentials():
     remember_secret("my-private-token-value")
-    text = ("my-private-token-value hf_abcdef123456 Authorization: Bearer xyz.abc, "
+    text = ("my-private-token-value hf_abcdef123456 Authorization: Bearer xyz.abc123, "
             "https://alice:pw@host.example/path token=abc123")
     assert redact(text) == "*** *** Authorization: Bearer ***, https://host.example/path token=***"
+
+
+@pytest.mark.parametrize("endpoint", ["http://[::1", "https://hub.example.org:99999"])
+def test_an_invalid_endpoint_does_not_stop_local_commands(monkeypatch, endpoint):
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    for command in (["--help"], ["list"], ["search", "--lang", "hau"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, (command, result.output)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "soon"])
+def test_an_invalid_hub_timeout_is_one_line_naming_the_variable(hub_env, monkeypatch, value):
+    monkeypatch.setenv("SFTSTORE_HUB_TIMEOUT", value)
+    result = CliRunner().invoke(cli, ["pull", "tester/x"])
+    assert result.exit_code == 1 and f"SFTSTORE_HUB_TIMEOUT is '{value}'" in result.output, result.output
+
+
+def test_redaction_leaves_ordinary_words_alone():
+    for text in ("no valid token was given (pass --token, set HF_TOKEN)", "expected a token and a tag",
+                 "Basic Multilingual Plane", "use --token or HF_TOKEN"):
+        assert redact(text) == text
+    assert redact("https://user:p@ss@host/x?access_token=abc123&b=1") == "https://host/x?access_token=***&b=1"
+
+
+def test_a_usage_error_echoing_a_token_is_redacted(hub_env):
+    result = CliRunner().invoke(cli, ["pull", "tester/x", "hf_AbCdEfGhIjKlMnOpQrSt"])
+    assert result.exit_code == 2 and "unexpected extra argument" in result.output
+    assert "hf_AbCdEfGhIjKlMnOpQrSt" not in result.output
+
+
+def test_values_from_manifests_are_never_rich_markup(tiny_bert_dir):
+    model = load_model(tiny_bert_dir, "token-classification", NER_LABELS)
+    delta = synthetic_delta(model, 0.05, 1, kind="language", language="hau")
+    delta.config.metrics = {"[/x] [link=https://evil.example]click[/link]": 1.0}
+    DeltaStore().add(delta)
+    for command in (["list"], ["show", "lang/hau"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, result.output
+    assert "[link=https://evil.example]click[/link]" in result.output  # shown as text, not as a link

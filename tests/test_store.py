@@ -228,8 +228,12 @@ def test_a_killed_add_leaves_nothing_half_registered(tmp_path, base_model, store
     assert store.list() == []
     assert store.verify() == []
     leftovers = list(store.tmp_dir.iterdir())
-    if point == "mid-blob":  # the writer is gone: its temp files are stale at once
+    if point == "mid-blob":  # the writer is gone: its temp files are stale a minute later
         assert leftovers and not blob_names(store)
+        assert store.gc().removed_temp_files == 0
+        a_minute_ago = time.time() - _io.GONE_WRITER_GRACE_SECONDS - 1
+        for path in leftovers:
+            os.utime(path, (a_minute_ago, a_minute_ago))
         assert store.gc().removed_temp_files == len(leftovers)
     else:
         assert len(blob_names(store)) == 3 and not leftovers
@@ -255,23 +259,29 @@ def dead_pid() -> int:
 
 def test_stale_temp_files_go_at_the_next_write_or_gc_and_live_writers_keep_theirs(store_home, base_model, tmp_path):
     store = DeltaStore()
-    host = _io._HOST
-    live = temp_file(store.tmp_dir, host, os.getpid())
+    host, minute = _io._HOST, _io.GONE_WRITER_GRACE_SECONDS + 1
+    live = temp_file(store.tmp_dir, host, os.getpid(), age_seconds=2 * minute)
     other_host_young = temp_file(store.tmp_dir, "elsewhere", 1)
     temp_file(store.tmp_dir, "elsewhere", 1, age_seconds=2 * _io.STALE_AFTER_SECONDS)  # stale by age
-    killed = temp_file(store.tmp_dir, host, dead_pid())
-    unrelated = store.tmp_dir / "notes.txt"
-    unrelated.write_text("not ours")
-    assert store.gc().removed_temp_files == 2
+    killed_young = temp_file(store.tmp_dir, host, dead_pid())  # its writer may live in another PID namespace
+    temp_file(store.tmp_dir, host, dead_pid(), age_seconds=minute)  # gone a minute ago: stale
+    old_style = store.tmp_dir / ".abc.x1y2.tmp"  # an earlier sftstore's name: stale by age only
+    old_style.write_bytes(b"partial")
+    old = time.time() - 2 * _io.STALE_AFTER_SECONDS
+    os.utime(old_style, (old, old))
+    assert store.gc().removed_temp_files == 3
     assert sorted(p.name for p in store.tmp_dir.iterdir()) == sorted(
-        p.name for p in (live, other_host_young, unrelated))
-    killed = temp_file(store.tmp_dir, host, dead_pid())
+        p.name for p in (live, other_host_young, killed_young))
+    killed = temp_file(store.tmp_dir, host, dead_pid(), age_seconds=minute)
     store.add(lang(base_model, 1))  # the next write removes it too
     assert not killed.exists() and live.exists()
     artifact = lang(base_model, 1).save_pretrained(tmp_path / "artifact")
-    left_in_artifact = temp_file(artifact, host, dead_pid())
+    left_in_artifact = temp_file(artifact, host, dead_pid(), age_seconds=minute)
+    users_file = artifact / "notes.tmp"
+    users_file.write_text("not ours")
+    os.utime(users_file, (old, old))
     lang(base_model, 2).save_pretrained(artifact)
-    assert not left_in_artifact.exists()
+    assert not left_in_artifact.exists() and users_file.exists()
 
 
 def test_store_root_defaults_to_sftstore_home(store_home):
@@ -290,3 +300,17 @@ def test_unknown_manifest_fields_survive_import_and_export(tmp_path, base_model)
     store.import_directory(directory)
     exported = store.export("lang/hau", tmp_path / "out")
     assert json.loads((exported / "sft_config.json").read_text())["custom_note"] == {"keep": "me"}
+
+
+def test_deltas_filed_under_a_renamed_base_id_by_an_earlier_sftstore_are_moved(store_home, base_model):
+    import sqlite3
+
+    store = DeltaStore()
+    delta = lang(base_model, 1)
+    delta.config.base_model.id = "xlm-roberta-base"
+    store.add(delta)
+    with sqlite3.connect(store.index_path) as db:  # as an sftstore that filed by the id as given did
+        db.execute("UPDATE deltas SET base='FacebookAI/xlm-roberta-base'")
+    reopened = DeltaStore()
+    assert [(v.base, v.ref) for v in reopened.list()] == [("xlm-roberta-base", "lang/hau@1")]
+    assert reopened.resolve("lang/hau", "FacebookAI/xlm-roberta-base").version == 1
