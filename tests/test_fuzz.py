@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from safetensors_bytes import join_header, split_header
 from sftstore import SftError
 from sftstore.format import CONFIG_FILE, TENSORS_FILE, load_delta
 from sftstore.store import DeltaStore
@@ -28,19 +29,9 @@ ODD_VALUES = [None, True, -1, 0, 2**63, 2**64, 1.5, float("nan"), float("inf"), 
               ["a", "a"], {}, {"a": {"b": []}}, "2026-13-45T99:00:00", [[[[[]]]]]]
 
 
-def _header(data: bytes) -> tuple[dict, bytes]:
-    (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + length]), data[8 + length :]
-
-
-def _with_header(header: dict, body: bytes) -> bytes:
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + body
-
-
 def mutate_header(data: bytes, rng: random.Random) -> bytes:
     """Change one thing in the safetensors header: a dtype, a shape, offsets, a key, or the metadata."""
-    header, body = _header(data)
+    header, body = split_header(data)
     keys = [k for k in header if k != "__metadata__"]
     key = rng.choice(keys)
     choice = rng.randrange(6)
@@ -61,7 +52,7 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes:
         raw = bytearray(json.dumps(header).encode())
         raw[rng.randrange(len(raw))] = rng.randrange(256)
         return struct.pack("<Q", len(raw)) + bytes(raw) + body
-    return _with_header(header, body)
+    return join_header(header, body)
 
 
 def mutate_tensors(data: bytes, rng: random.Random) -> bytes:
@@ -69,7 +60,7 @@ def mutate_tensors(data: bytes, rng: random.Random) -> bytes:
     choice = rng.randrange(3)
     if choice == 2:
         return data[: rng.randrange(len(data))]
-    header, body = _header(data)
+    header, body = split_header(data)
     body = bytearray(body)
     for _ in range(rng.randrange(1, 8)):
         position = rng.randrange(len(body))

@@ -18,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from safetensors_bytes import join_header, split_header
 from sftstore import SparseDelta
 from sftstore.config import BASE_MODEL_RULES, FIELD_RULES, MAX_MANIFEST_BYTES, BaseModelInfo, DeltaConfig
 from sftstore.demo import NER_LABELS, synthetic_delta
@@ -296,18 +297,8 @@ def test_safetensors_header_with_a_duplicated_key_is_refused(masked_delta, tmp_p
 def test_metadata_json_is_bounded_too(deltas, tmp_path):
     directory = deltas["language"].save_pretrained(tmp_path / "artifact")
     data = (directory / TENSORS_FILE).read_bytes()
-    header, body = _split_header(data)
+    header, body = split_header(data)
     header["__metadata__"]["shapes"] = "[" * 200_000 + "]" * 200_000  # nesting hidden inside a string value
-    _rewrite(directory, TENSORS_FILE, _join_header(header, body), "tensors_sha256")
+    _rewrite(directory, TENSORS_FILE, join_header(header, body), "tensors_sha256")
     with pytest.raises(DeltaFormatError, match="metadata 'shapes' is not a JSON object.*nested more than"):
         load_delta(directory)
-
-
-def _split_header(data: bytes) -> tuple[dict, bytes]:
-    (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + length]), data[8 + length :]
-
-
-def _join_header(header: dict, body: bytes) -> bytes:
-    raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + body
