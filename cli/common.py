@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from sftstore import SftError
+from sftstore.errors import first_line
 from sftstore.network import network_cause, network_error
 from sftstore.redaction import redact, redact_logs, remember_secret
 from sftstore.settings import base_key, config_path, default_base
@@ -52,15 +53,14 @@ def explain(exc: Exception) -> str:
     cause = network_cause(exc)
     if cause is not None:
         return str(network_error("the Hub", cause))
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, OSError):
         if not exc.strerror:
-            return first_line
+            return first_line(exc)
         where = f"{exc.filename}: " if exc.filename else ""
         return f"{where}{exc.strerror}{_OS_HINTS.get(exc.errno, '')}"
     if isinstance(exc, ValueError) and "null byte" in str(exc):
         return "a path or name contains a NUL byte, which no file name can hold"
-    return (f"unexpected {type(exc).__name__}: {first_line} (a bug in sftstore: run again with SFTSTORE_DEBUG=1 "
+    return (f"unexpected {type(exc).__name__}: {first_line(exc)} (a bug in sftstore: run again with SFTSTORE_DEBUG=1 "
             "for the traceback and report it)")
 
 

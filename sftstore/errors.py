@@ -1,6 +1,12 @@
 """Exceptions raised by sftstore. Every message names the file, tensor or field at fault."""
 
 
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message (`default`, else its type's name, when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else default or type(exc).__name__
+
+
 class SftError(Exception):
     """Base class of every sftstore error."""
 

@@ -80,15 +80,16 @@ def push_to_hub(
     with hub_errors(repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True)
         head, tags = main_head(api, repo_id)
-        _check_same_delta(remote_manifest(api, repo_id, tags.get(tag, head)), version, repo_id)
+        remote = remote_manifest(api, repo_id, tags.get(tag, head))  # the tag's manifest, else main's
+        _check_same_delta(remote, version, repo_id)
         if tag in tags:
-            remote = remote_manifest(api, repo_id, tags[tag]) or {}
+            remote = remote or {}
             if (remote.get("tensors_sha256"), remote.get("masks_sha256")) != (version.tensors_sha256, version.masks_sha256):
                 raise HubError(f"{repo_id}: tag {tag} already holds other tensors than {version.ref}; nothing pushed")
             store.record_remote(version, repo_id, tags[tag], tag)
             return PushResult(repo_id, tags[tag], tag, created=False)
         message, description = commit_message(manifest, version.version)
-        if head is not None and remote_manifest(api, repo_id, head) == manifest:  # a push cut off before its tag
+        if head is not None and remote == manifest:  # main holds this version: a push cut off before its tag
             api.create_tag(repo_id, tag=tag, revision=head, tag_message=message)
             commit = head
         else:

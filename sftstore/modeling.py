@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .base_ids import is_hub_id
-from .errors import SftError
+from .errors import SftError, first_line
 from .network import bound_hub_waits, check_endpoint, hub_timeout, network_cause, network_error
 from .redaction import redact, redact_logs
 
@@ -153,10 +153,10 @@ def loading_base(base: str | os.PathLike, revision: str | None = None, offline: 
         cause = unreachable or network_cause(exc)
         if cause is not None:
             raise network_error(f"base model {base!r}", cause) from None
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc)
         if offline and is_hub_id(base):
-            first_line = "not in the local Hugging Face cache, and offline mode forbids downloading it"
-        raise SftError(f"cannot load base model {base!r}: {redact(first_line)}") from None
+            why = "not in the local Hugging Face cache, and offline mode forbids downloading it"
+        raise SftError(f"cannot load base model {base!r}: {redact(why)}") from None
 
 
 def load_model(

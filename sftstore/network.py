@@ -9,7 +9,7 @@ import socket
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from .errors import SftError
+from .errors import SftError, first_line
 from .redaction import redact, redact_url
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -93,8 +93,7 @@ def hub_endpoint() -> str:
 
 def describe(cause: BaseException) -> str:
     """A one-line description of a connection failure (its type and first line), credentials removed."""
-    text = str(cause).strip().splitlines()[0] if str(cause).strip() else "no details"
-    return f"{type(cause).__name__}: {redact(text)}"
+    return f"{type(cause).__name__}: {redact(first_line(cause, 'no details'))}"
 
 
 def network_error(what: str, cause: BaseException) -> NetworkError:
