@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftstore import RefNotFoundError, StoreError, _io
+from sftstore import DeltaFormatError, RefNotFoundError, StoreError, _io
 from sftstore.demo import synthetic_delta
 from sftstore.modeling import load_model
 from sftstore.store import DeltaStore
@@ -139,7 +139,7 @@ def test_verify_reports_damaged_and_missing_blobs(base_model):
     damage = store.verify()
     assert {(d.ref, d.file) for d in damage} == {("lang/hau@1", "sft_delta.safetensors"), ("lang/hau@1", "README.md")}
     assert any("missing blob" in d.problem for d in damage)
-    with pytest.raises(Exception, match="sha256"):
+    with pytest.raises(DeltaFormatError, match=version.tensors_sha256):  # the damaged blob, named
         store.load("lang/hau@1")
 
 

@@ -20,9 +20,10 @@ from sftstore.demo import NER_LABELS, synthetic_delta
 from sftstore.format import CONFIG_FILE, MASKS_FILE
 from sftstore.hub import pull_from_hub, push_to_hub
 from sftstore.modeling import base_parameters, load_model
-from sftstore.store import _SCHEMA, DeltaStore
+from sftstore.store import DeltaStore
 from sftstore.subnetworks import SubnetworkMasks
 from sftstore_cli.main import cli
+from test_store_scale import SCHEMA_0
 
 
 def random_masks(model, languages, density, seed=0) -> dict[str, dict[str, torch.Tensor]]:
@@ -213,7 +214,7 @@ def test_a_store_index_from_before_masks_is_upgraded(tmp_path, s4_delta, base_mo
     root = tmp_path / "old"
     root.mkdir()
     with sqlite3.connect(root / "index.sqlite") as db:
-        db.executescript(_SCHEMA.replace("    masks_sha256 TEXT,\n", ""))
+        db.executescript(SCHEMA_0.format(masks=""))  # an index from before masks
         assert "masks_sha256" not in {row[1] for row in db.execute("PRAGMA table_info(versions)")}
         db.execute("INSERT INTO deltas (base, kind, name, last_version) VALUES ('b', 'language', 'old', 1)")
         db.execute("INSERT INTO versions VALUES (1, 1, 't', 'c', 'r', 5, 0.1, 40, 'then', 'then', '{}')")  # 11 columns
