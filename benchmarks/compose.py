@@ -8,8 +8,12 @@ What it measures, in one run on an XLM-R-base-shaped token-classification model 
 * file size per non-zero of `sft_delta.safetensors`; `save_pretrained` of the language delta
   (sha256, three atomic, fsync'ed writes); `from_pretrained` of both deltas, one after the other
   and on a 2-thread pool (full validation and sha256 each time);
+* file size per non-zero in format version 2 (the default: one-byte index gaps plus escapes) and in
+  version 1 (int32 indices);
 * compose (`task.apply(model)`, then `language.apply(model)`: the path that gathers the original
   values so that revert is exact) and revert (both handles, last applied first);
+* a hot swap on a resident model: `ComposedModel.swap(task=..., language=...)` between two
+  (task, language) pairs of the same sizes (revert both, apply both, in canonical order);
 * a plain copy of all base weights into preallocated buffers, as a memory-bandwidth reference;
 * the baseline, measured in the same run: the format of cambridgeltl/composable-sft, where each
   parameter is `{'size', 'index_steps': Python list of gaps between sorted flat indices (the first
@@ -42,6 +46,7 @@ Notes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import resource
 import tempfile
@@ -56,6 +61,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForTokenClassification, XLMRobertaConfig
 
+from sftstore.compose import ComposedModel
 from sftstore.config import BaseModelInfo, DeltaConfig
 from sftstore.delta import ParameterDelta, SparseDelta, index_dtype_for
 from sftstore.demo import NER_LABELS
@@ -191,24 +197,35 @@ def collect() -> None:
 @dataclass
 class FileTimes:
     bytes_per_nnz: tuple[float, float]  # language, task
+    bytes_per_nnz_v1: tuple[float, float]
     save: float
     load: float
     load_threaded: float
 
 
+def bytes_per_nnz(dirs: Sequence[Path], deltas: Sequence[SparseDelta]) -> tuple[float, float]:
+    language, task = ((d / TENSORS_FILE).stat().st_size / delta.nnz for d, delta in zip(dirs, deltas))
+    return language, task
+
+
 def measure_files(language: SparseDelta, task: SparseDelta, workdir: Path, repeats: int) -> FileTimes:
-    """File sizes, `save_pretrained` of the language delta, `from_pretrained` of both deltas."""
+    """File sizes (format versions 2 and 1), `save_pretrained` of the language delta, `from_pretrained` of
+    both deltas (version 2)."""
+    v1_dirs = [workdir / "sft-lang-v1", workdir / "sft-task-v1"]
+    for delta, directory in zip((language, task), v1_dirs):
+        delta.save_pretrained(directory, format_version=1)
+    sizes_v1 = bytes_per_nnz(v1_dirs, (language, task))
     dirs = [workdir / "sft-lang", workdir / "sft-task"]
     save = best_of(lambda: language.save_pretrained(dirs[0]), repeats)
     task.save_pretrained(dirs[1])
-    sizes = ((dirs[0] / TENSORS_FILE).stat().st_size / language.nnz, (dirs[1] / TENSORS_FILE).stat().st_size / task.nnz)
+    sizes = bytes_per_nnz(dirs, (language, task))
 
     def load_threaded() -> list[SparseDelta]:
         with ThreadPoolExecutor(max_workers=2) as pool:
             return list(pool.map(SparseDelta.from_pretrained, dirs))
 
     load = best_of(lambda: [SparseDelta.from_pretrained(d) for d in dirs], repeats)
-    return FileTimes(sizes, save, load, best_of(load_threaded, repeats))
+    return FileTimes(sizes, sizes_v1, save, load, best_of(load_threaded, repeats))
 
 
 def snapshot(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -253,6 +270,32 @@ def measure_compose(
         del handles
     check_reverted(model, before)
     return min(compose_times), min(revert_times)
+
+
+def renamed(delta: SparseDelta, **fields: str) -> SparseDelta:
+    """The same tensors under another name (another pair to swap to, of exactly the same size)."""
+    return SparseDelta(delta.params, dataclasses.replace(delta.config, **fields), delta.head)
+
+
+def measure_swap(
+    model: nn.Module, task: SparseDelta, language: SparseDelta, repeats: int, device: torch.device
+) -> float:
+    """Best hot swap of the (task, language) pair on a resident model, alternating between two pairs; the
+    model is the base again afterwards (checked)."""
+    pairs = [(task, language), (renamed(task, task="pos"), renamed(language, language="swa", languages=["swa"]))]
+    if device.type != "cpu":
+        pairs = [(t.to(device), lang.to(device)) for t, lang in pairs]
+    names = list(base_parameters(model))
+    before = snapshot(model, [names[0], names[len(names) // 2], names[-1]])
+    composed = ComposedModel(model, "benchmark", fingerprint(model))
+    composed.swap(task=pairs[0][0], language=pairs[0][1])
+    seconds = []
+    for repeat in range(repeats):
+        new_task, new_language = pairs[(repeat + 1) % 2]
+        seconds.append(timed(lambda t=new_task, lang=new_language: composed.swap(task=t, language=lang), device)[0])
+    composed.reset()
+    check_reverted(model, before)
+    return min(seconds)
 
 
 def measure_copy(model: nn.Module, repeats: int, device: torch.device) -> float:
@@ -369,6 +412,7 @@ def build_rows(
     files: FileTimes,
     compose: float,
     revert: float,
+    swap: float,
     copy: float,
     baseline: BaselineTimes | None,
     device: torch.device,
@@ -378,13 +422,17 @@ def build_rows(
     base = baseline or NO_BASELINE
     load_compose_baseline = None if base.load is None or base.apply is None else base.load + base.apply
     return [
-        Row("bytes per non-zero, language delta", files.bytes_per_nnz[0], base.bytes_per_nnz[0], 8.0, "B"),
-        Row("bytes per non-zero, task delta", files.bytes_per_nnz[1], base.bytes_per_nnz[1], 8.0, "B"),
+        Row("bytes per non-zero, language delta", files.bytes_per_nnz[0], base.bytes_per_nnz[0], 5.1, "B"),
+        Row("bytes per non-zero, task delta", files.bytes_per_nnz[1], base.bytes_per_nnz[1], 5.1, "B"),
+        Row("bytes per non-zero, language delta, format v1", files.bytes_per_nnz_v1[0], base.bytes_per_nnz[0],
+            unit="B"),
+        Row("bytes per non-zero, task delta, format v1", files.bytes_per_nnz_v1[1], base.bytes_per_nnz[1], unit="B"),
         Row("save language delta", files.save, base.save, 0.2),
         Row("load both deltas (one after the other)", files.load, base.load, 0.15),
         Row("load both deltas (2 threads)", files.load_threaded, None, 0.15),
         Row(f"compose both ({device.type})", compose, base.apply, 0.005 if device.type == "cuda" else 0.14),
         Row(f"revert both ({device.type})", revert, None, 0.10),
+        Row(f"hot swap of the (task, language) pair ({device.type})", swap, None, 0.5),
         Row("load + compose both (sum of the two)", files.load + compose, load_compose_baseline),
         Row(f"reference: plain copy of all base weights ({gib:.2f} GiB, {device.type})", copy),
     ]
@@ -438,13 +486,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         collect()
         compose, revert = measure_compose(model, task, language, args.repeats, device)
         collect()
+        swap = measure_swap(model, task, language, args.repeats, device)
+        collect()
         copy = measure_copy(model, args.repeats, device)
         collect()
         baseline = None
         if not args.skip_baseline:
             baseline = measure_baseline(language, task, model, workdir, args.repeats, device)
             collect()
-    rows = build_rows(files, compose, revert, copy, baseline, device, gib)
+    rows = build_rows(files, compose, revert, swap, copy, baseline, device, gib)
     print()
     print(render(rows, args.markdown, args.small))
     print()

@@ -24,7 +24,8 @@ from .errors import DeltaFormatError, InvalidNameError
 from .modeling import TASK_TYPES, BaseFingerprint
 from .naming import KINDS, validate_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)  # the artifact format versions this sftstore reads and writes (see format.py)
+FORMAT_VERSION = 2  # what writers write unless told otherwise
 # Manifest fields computed from the tensors when an artifact is written (and checked when read).
 DERIVED_FIELDS = ("format_version", "nnz", "density", "values_dtype", "tensors_sha256")
 OPTIONAL_DERIVED_FIELDS = ("masks_sha256",)  # present when the artifact has sft_masks.safetensors
@@ -114,7 +115,8 @@ _NAMES = f"a list of at most {MAX_LIST_ITEMS:,} strings of at most {MAX_NAME_CHA
 _INTEGER = "an integer in 0..2**63-1"
 # Every top-level field the manifest knows: its check and what it expects. Unknown fields are kept (`extra`).
 FIELD_RULES: dict[str, Rule] = {
-    "format_version": Rule(_integer(0), _INTEGER),
+    "format_version": Rule(lambda value: type(value) is int and value in FORMAT_VERSIONS,
+                           f"one of {', '.join(map(str, FORMAT_VERSIONS))} (the format versions this sftstore reads)"),
     "kind": Rule(_one_of(KINDS), "'language' or 'task'"),
     "language": Rule(_or_null(_string(MAX_NAME_CHARS)), f"{_NAME}, or null"),
     "languages": Rule(_is_names, _NAMES),
@@ -124,6 +126,7 @@ FIELD_RULES: dict[str, Rule] = {
     "base_model": Rule(_is_object, "an object with id, arch_digest and weights_digest (and revision)"),
     "method": Rule(_is_method, f"an object with a 'name' ({_NAME})"),
     "num_parameters": Rule(_integer(1), "a positive integer up to 2**63-1 (the base model's parameter count)"),
+    "requested_k": Rule(_or_null(_integer(0)), f"{_INTEGER} (K, the entries training was asked to select), or null"),
     "nnz": Rule(_integer(0), _INTEGER),
     "density": Rule(lambda value: _is_finite_number(value) and 0 <= value <= 1, "a number in [0, 1]"),
     "values_dtype": Rule(_one_of(VALUES_DTYPES), f"one of {', '.join(VALUES_DTYPES)}"),
@@ -187,6 +190,7 @@ class DeltaConfig:
     task_type: str | None = None
     labels: list[str] = field(default_factory=list)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "unknown"})
+    requested_k: int | None = None  # K asked of a sparse training run (`nnz` is what was stored); None: not one
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)

@@ -5,25 +5,26 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import weakref
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from .config import BaseModelInfo, DeltaConfig
+from .config import FORMAT_VERSION, BaseModelInfo, DeltaConfig
 from .errors import BaseModelMismatchError, DeltaFormatError
 from .modeling import base_parameters, fingerprint, head_parameters
 from .settings import base_key
+from .sparse_update import Job, Touched, add_in_place, restore
 from .subnetworks import SubnetworkMasks
+from .summary import layer_of
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-_LAYER_RE = re.compile(r"^(.*?\blayers?\.\d+)\.")
+_NUMPY_FLOATS = (torch.float32, torch.float16)
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
@@ -33,8 +34,20 @@ def index_dtype_for(numel: int) -> torch.dtype:
 
 def _all_finite(values: torch.Tensor) -> bool:
     # A finite sum proves every term finite (NaN and Inf propagate); only an overflowing sum of
-    # finite values needs the elementwise check. One reduction instead of a boolean copy.
+    # finite values needs the elementwise check. One reduction instead of a boolean copy. On the CPU,
+    # numpy's (single-threaded, never contending with a load's sha256 thread) where it knows the dtype.
+    if values.device.type == "cpu" and values.dtype in _NUMPY_FLOATS:
+        array = values.detach().numpy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.isfinite(array.sum(dtype=np.float32))) or bool(np.isfinite(array).all())
     return bool(torch.isfinite(values.sum(dtype=torch.float32))) or bool(torch.isfinite(values).all())
+
+
+def _strictly_increasing(indices: torch.Tensor) -> bool:
+    if indices.device.type == "cpu":  # numpy, for the reason `_all_finite` gives
+        array = indices.numpy()
+        return bool(np.all(array[1:] > array[:-1]))
+    return bool((indices[1:] > indices[:-1]).all())
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,12 @@ class ParameterDelta:
         dense[self.indices.long()] = self.values.float()
         return dense.view(self.shape)
 
-    def validate(self, name: str, where: str) -> None:
-        """Raise `DeltaFormatError` naming `where` and the tensor if the entry is malformed."""
+    def validate(self, name: str, where: str, *, indices_proven: bool = False) -> None:
+        """Raise `DeltaFormatError` naming `where` and the tensor if the entry is malformed.
+
+        `indices_proven`: the indices were decoded from a code already proven to give strictly increasing
+        indices in range (format version 2's gaps), so that O(nnz) pass is skipped.
+        """
         if any(not isinstance(d, int) or d < 0 for d in self.shape):
             raise DeltaFormatError(f"{where}: shape of '{name}' is {list(self.shape)}; expected non-negative ints")
         idx, val = self.indices, self.values
@@ -81,21 +98,25 @@ class ParameterDelta:
             )
         if idx.numel() == 0:
             return
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        if not _all_finite(val):
+            raise DeltaFormatError(f"{where}: tensor '{name}::values' holds NaN or Inf")
+        if indices_proven:
+            return
+        if idx.numel() > 1 and not _strictly_increasing(idx):
             raise DeltaFormatError(f"{where}: tensor '{name}::indices' is not strictly increasing (unsorted or duplicated)")
         if int(idx[0]) < 0 or int(idx[-1]) >= self.numel:
             raise DeltaFormatError(
                 f"{where}: tensor '{name}::indices' holds {int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])}, "
                 f"outside [0, {self.numel}) for shape {list(self.shape)}"
             )
-        if not _all_finite(val):
-            raise DeltaFormatError(f"{where}: tensor '{name}::values' holds NaN or Inf")
 
 
-def validate_tensors(params: Mapping[str, ParameterDelta], head: Mapping[str, torch.Tensor], where: str) -> None:
+def validate_tensors(
+    params: Mapping[str, ParameterDelta], head: Mapping[str, torch.Tensor], where: str, *, indices_proven: bool = False
+) -> None:
     """Check every sparse entry and head tensor; raise `DeltaFormatError` at the first fault."""
     for name, entry in params.items():
-        entry.validate(name, where)
+        entry.validate(name, where, indices_proven=indices_proven)
     for name, tensor in head.items():
         if tensor.dtype not in VALUE_DTYPES:
             raise DeltaFormatError(f"{where}: head tensor 'head::{name}' has dtype {tensor.dtype}; expected a float dtype")
@@ -144,12 +165,6 @@ class ParameterSummary:
     @property
     def density(self) -> float:
         return self.nnz / self.numel if self.numel else 0.0
-
-
-def layer_of(name: str) -> str:
-    """Group a parameter name by layer: `encoder.layer.3`, else its first component (`embeddings`)."""
-    match = _LAYER_RE.match(name)
-    return match.group(1) if match else name.split(".", 1)[0]
 
 
 class SparseDelta:
@@ -366,19 +381,12 @@ class SparseDelta:
         self._check_sparse(model)
         head_targets = self._head_targets(model)
         params = base_parameters(model)
-        originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        jobs = []
         for name, entry in self.params.items():
             flat = params[name].data.view(-1)
-            indices = entry.indices.to(flat.device, torch.long, non_blocking=True)
-            values = entry.values.to(flat.device, non_blocking=True)
-            before = flat.take(indices)
-            if flat.dtype in _HALF_DTYPES:
-                after = (before.float() + values.float() * scale).to(flat.dtype)
-            else:
-                values = values.to(flat.dtype)
-                after = before + (values if scale == 1.0 else values * scale)
-            flat.index_put_((indices,), after)
-            originals[name] = (indices, before)
+            jobs.append(Job(name, flat, entry.indices.to(flat.device, non_blocking=True),
+                            entry.values.to(flat.device, non_blocking=True)))
+        originals = add_in_place(jobs, scale)
         head_originals = {}
         for name, tensor in self.head.items():
             target = model.get_parameter(name).data
@@ -399,12 +407,13 @@ class SparseDelta:
 
     # ---- files --------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, format_version: int | None = None) -> Path:
         """Write the artifact (`sft_delta.safetensors`, `sft_config.json`, `README.md`, and
-        `sft_masks.safetensors` when the delta has `subnetworks`) to `directory`."""
+        `sft_masks.safetensors` when the delta has `subnetworks`) to `directory`, in `format_version`
+        (default: the newest, 2; 1 for readers that predate it)."""
         from .format import save_delta
 
-        return save_delta(self, directory)
+        return save_delta(self, directory, FORMAT_VERSION if format_version is None else format_version)
 
     @classmethod
     def from_pretrained(
@@ -480,7 +489,7 @@ class AppliedDelta:
         self,
         delta: SparseDelta,
         model: nn.Module,
-        originals: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        originals: list[Touched],
         head_originals: dict[str, torch.Tensor],
         footprint: _Footprint,
     ) -> None:
@@ -515,8 +524,7 @@ class AppliedDelta:
         """
         self.check_revertible()
         params = base_parameters(self.model)
-        for name, (indices, before) in self._originals.items():
-            params[name].data.view(-1).index_put_((indices,), before)
+        restore(self._originals, {name: params[name].data.view(-1) for name in self.delta.params})
         for name, before in self._head_originals.items():
             self.model.get_parameter(name).data.copy_(before)
         _applied_on(self.model).remove(self._footprint)

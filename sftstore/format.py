@@ -1,5 +1,9 @@
-"""The artifact, format version 1: `sft_delta.safetensors` (COO tensors), `sft_config.json`, `README.md`,
-and optionally `sft_masks.safetensors` (per-language sub-network masks, bit-packed).
+"""The artifact: `sft_delta.safetensors` (sparse tensors), `sft_config.json`, `README.md`, and optionally
+`sft_masks.safetensors` (per-language sub-network masks, bit-packed).
+
+Format version 1 stores each parameter's flat indices as `P::indices` (int32); version 2 (written by
+default) as one-byte gaps plus an escape list (`P::gaps`, `P::escape_positions`, `P::escape_values`, see
+`gaps.py`). Both store `P::values` and `head::H` alike, and both are read forever.
 
 Writing is atomic per file; reading validates everything (keys, dtypes, lengths, order, range,
 finiteness, shapes metadata, the manifest's derived fields and sha256) before returning a delta.
@@ -17,13 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 
+from . import gaps
 from ._io import atomic_write_bytes, remove_stale_temp_files
-from .card import render_model_card
 from .bounded_json import brief, load_json, parse_int
-from .config import FORMAT_VERSION, MANIFEST_REQUIRED, MAX_MANIFEST_BYTES, DeltaConfig
+from .card import render_model_card
+from .config import FORMAT_VERSION, FORMAT_VERSIONS, MANIFEST_REQUIRED, MAX_MANIFEST_BYTES, DeltaConfig
 from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
 from .errors import DeltaFormatError
 from .subnetworks import SubnetworkMasks
@@ -37,29 +43,49 @@ MASKS_FORMAT_NAME = "sftstore-masks"
 HEAD_PREFIX = "head::"
 INDICES_SUFFIX = "::indices"
 VALUES_SUFFIX = "::values"
+MASKS_FORMAT_VERSION = 1  # the masks file's layout, the same in artifacts of either format version
+# The tensors each format version stores per sparse parameter, by the part after `P::`.
+SPARSE_PARTS = {1: ("indices", "values"), 2: (*gaps.GAP_PARTS, "values")}
 _MAX_NUMEL = 2**62  # larger shapes in metadata are refused (no real parameter comes near)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 # A JSON string (its closing quote optional, so an unterminated one cannot make the scan backtrack), or a bracket.
 
 
-def serialize_tensors(delta: SparseDelta) -> bytes:
-    """The safetensors bytes of a delta: `P::indices` (int32 unless huge), `P::values`, `head::H`."""
+def check_format_version(format_version: int) -> int:
+    """`format_version` if this sftstore writes it, else a `ValueError` naming the versions it writes."""
+    if type(format_version) is not int or format_version not in FORMAT_VERSIONS:
+        raise ValueError(f"format_version is {format_version!r}; expected one of {', '.join(map(str, FORMAT_VERSIONS))}")
+    return format_version
+
+
+def serialize_tensors(delta: SparseDelta, format_version: int = FORMAT_VERSION) -> bytes:
+    """The safetensors bytes of a delta in `format_version`: per parameter `P::indices` (v1: int32 unless
+    huge) or `P::gaps`, `P::escape_positions`, `P::escape_values` (v2), then `P::values`; `head::H`."""
+    check_format_version(format_version)
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in sorted(delta.params.items()):
-        tensors[name + INDICES_SUFFIX] = entry.indices.to("cpu", index_dtype_for(entry.numel)).contiguous()
+        if format_version == 1:
+            tensors[name + INDICES_SUFFIX] = entry.indices.to("cpu", index_dtype_for(entry.numel)).contiguous()
+        else:
+            for part, tensor in gaps.encode(entry.indices, entry.numel).tensors().items():
+                tensors[f"{name}::{part}"] = tensor
         tensors[name + VALUES_SUFFIX] = entry.values.cpu().contiguous()
     for name, tensor in sorted(delta.head.items()):
         tensors[HEAD_PREFIX + name] = tensor.cpu().contiguous()
     shapes = {name: list(entry.shape) for name, entry in sorted(delta.params.items())}
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "shapes": json.dumps(shapes)}
+    metadata = {"format": FORMAT_NAME, "format_version": str(format_version), "shapes": json.dumps(shapes)}
     return _canonical_header(safetensors.torch.save(tensors, metadata=metadata))
 
 
 def serialize_masks(masks: SubnetworkMasks) -> bytes:
     """The safetensors bytes of sub-network masks: `LANG::PARAM` (bit-packed uint8) and their shapes."""
     shapes = {name: list(shape) for name, shape in sorted(masks.shapes.items())}
-    metadata = {"format": MASKS_FORMAT_NAME, "format_version": str(FORMAT_VERSION), "shapes": json.dumps(shapes),
+    metadata = {"format": MASKS_FORMAT_NAME, "format_version": str(MASKS_FORMAT_VERSION), "shapes": json.dumps(shapes),
                 "languages": json.dumps(list(masks))}
     tensors = {key: bits.contiguous() for key, bits in sorted(masks.to_tensors().items())}
     return _canonical_header(safetensors.torch.save(tensors, metadata=metadata))
@@ -77,10 +103,11 @@ def _canonical_header(data: bytes) -> bytes:
     canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     if len(canonical) > header_len:  # cannot happen for the same keys and values; never corrupt the data
         raise AssertionError("canonical safetensors header is longer than the original")
-    return data[:8] + canonical.ljust(header_len, b" ") + data[8 + header_len :]
+    return b"".join((data[:8], canonical.ljust(header_len, b" "), memoryview(data)[8 + header_len :]))  # one copy
 
 
-def manifest_for(delta: SparseDelta, tensors_sha256: str, masks_sha256: str | None = None) -> dict[str, Any]:
+def manifest_for(delta: SparseDelta, tensors_sha256: str, masks_sha256: str | None = None,
+                 format_version: int = FORMAT_VERSION) -> dict[str, Any]:
     """The manifest: the config's fields plus those derived from the tensors (and the masks file)."""
     derived = {
         "nnz": delta.nnz,
@@ -90,17 +117,18 @@ def manifest_for(delta: SparseDelta, tensors_sha256: str, masks_sha256: str | No
     }
     if masks_sha256 is not None:
         derived["masks_sha256"] = masks_sha256
-    return {"format_version": FORMAT_VERSION, **delta.config.to_dict(), **derived}
+    return {"format_version": format_version, **delta.config.to_dict(), **derived}
 
 
-def artifact_files(delta: SparseDelta) -> dict[str, bytes]:
+def artifact_files(delta: SparseDelta, format_version: int = FORMAT_VERSION) -> dict[str, bytes]:
     """The artifact's files by name, in writing order: the manifest (which binds the others by sha256)
     comes after the tensors and masks, the model card last."""
-    files = {TENSORS_FILE: serialize_tensors(delta)}
+    files = {TENSORS_FILE: serialize_tensors(delta, format_version)}
     if delta.subnetworks:
         files[MASKS_FILE] = serialize_masks(delta.subnetworks)
     manifest = manifest_for(delta, hashlib.sha256(files[TENSORS_FILE]).hexdigest(),
-                            hashlib.sha256(files[MASKS_FILE]).hexdigest() if MASKS_FILE in files else None)
+                            hashlib.sha256(files[MASKS_FILE]).hexdigest() if MASKS_FILE in files else None,
+                            format_version)
     files[CONFIG_FILE] = (json.dumps(manifest, indent=2) + "\n").encode()
     files[CARD_FILE] = render_model_card(manifest).encode()
     return files
@@ -133,26 +161,46 @@ def write_artifact(files: dict[str, bytes], directory: str | os.PathLike) -> Pat
     return directory
 
 
-def save_delta(delta: SparseDelta, directory: str | os.PathLike) -> Path:
-    """Write the artifact files of `delta` into `directory`."""
-    return write_artifact(artifact_files(delta), directory)
+def save_delta(delta: SparseDelta, directory: str | os.PathLike, format_version: int = FORMAT_VERSION) -> Path:
+    """Write the artifact files of `delta` in `format_version` into `directory`."""
+    return write_artifact(artifact_files(delta, format_version), directory)
 
 
-def read_artifact(directory: str | os.PathLike) -> dict[str, bytes]:
-    """The bytes of an artifact directory's files: tensors and manifest, masks and model card if present."""
+def convert_artifact(directory: str | os.PathLike, format_version: int) -> bool:
+    """Rewrite the artifact in `directory` in `format_version` (validated first; the manifest keeps every
+    field but the format's own); whether anything changed (nothing does when it is in that version)."""
+    check_format_version(format_version)
+    files = read_artifact(directory)
+    delta = delta_from_files(files, directory)
+    if json.loads(files[CONFIG_FILE])["format_version"] == format_version:
+        return False
+    save_delta(delta, directory, format_version)
+    return True
+
+
+def _artifact_directory(directory: str | os.PathLike) -> Path:
+    """`directory` as a Path, if it holds at least a tensors file and a manifest."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DeltaFormatError(f"{directory}: no such artifact directory")
     for name in (TENSORS_FILE, CONFIG_FILE):
         if not (directory / name).is_file():
             raise DeltaFormatError(f"{directory}: missing {name}")
+    return directory
+
+
+def read_artifact(directory: str | os.PathLike) -> dict[str, bytes]:
+    """The bytes of an artifact directory's files: tensors and manifest, masks and model card if present."""
+    directory = _artifact_directory(directory)
     names = (TENSORS_FILE, CONFIG_FILE, MASKS_FILE, CARD_FILE)
     return {name: _read_bytes(directory / name) for name in names if (directory / name).is_file()}
 
 
 def load_delta(directory: str | os.PathLike, device: torch.device | str = "cpu") -> SparseDelta:
     """Read and validate the artifact in `directory`."""
-    return delta_from_files(read_artifact(directory), directory, device)
+    directory = _artifact_directory(directory)
+    masks = directory / MASKS_FILE
+    return read_delta(directory / TENSORS_FILE, directory / CONFIG_FILE, device, masks if masks.is_file() else None)
 
 
 def delta_from_files(files: Mapping[str, bytes], directory: str | os.PathLike, device: torch.device | str = "cpu"
@@ -172,10 +220,6 @@ def parse_manifest(data: bytes, config_path: Path) -> tuple[dict[str, Any], Delt
         raise DeltaFormatError(f"{config_path}: {len(data):,} bytes; a manifest has at most {MAX_MANIFEST_BYTES:,}")
     raw = load_json(data, config_path, "a readable JSON manifest", parse_int=parse_int)
     config = DeltaConfig.from_dict(raw, str(config_path), required=MANIFEST_REQUIRED)
-    if raw["format_version"] != FORMAT_VERSION:
-        raise DeltaFormatError(
-            f"{config_path}: field 'format_version' is {raw['format_version']!r}; this sftstore reads version {FORMAT_VERSION}"
-        )
     return raw, config
 
 
@@ -191,6 +235,20 @@ def _read_bytes(path: Path) -> bytes:
         raise DeltaFormatError(f"{path}: cannot read ({exc})") from None
 
 
+def _read_buffer(path: Path) -> np.ndarray:
+    """A file's bytes in a private, writable buffer (uint8), which the loaded tensors then share: one copy
+    from the page cache, into memory nobody else can change between the checks and the use."""
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            buffer = np.empty(os.fstat(handle.fileno()).st_size, dtype=np.uint8)
+            read = handle.readinto(buffer)
+            if read != buffer.size or handle.read(1):
+                raise OSError("the file changed size while it was read")
+    except OSError as exc:
+        raise DeltaFormatError(f"{path}: cannot read ({exc})") from None
+    return buffer
+
+
 def _check_sha256(digest: str, raw: dict[str, Any], field: str, path: Path, config_path: Path) -> None:
     if digest != raw[field]:
         raise DeltaFormatError(f"{path}: sha256 {digest} does not match the manifest's {field} {raw[field]} ({config_path})")
@@ -202,7 +260,7 @@ def read_delta(
     """Read a tensors file, its manifest and its masks file if any (possibly store blobs with other
     names) into a validated delta."""
     masks = _read_bytes(masks_path) if masks_path is not None else None
-    return parse_delta(_read_bytes(tensors_path), _read_bytes(config_path), masks, device=device,
+    return parse_delta(_read_buffer(tensors_path), _read_bytes(config_path), masks, device=device,
                        tensors_path=tensors_path, config_path=config_path, masks_path=masks_path)
 
 
@@ -220,9 +278,9 @@ def parse_delta(
         )
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())  # overlaps with parsing
-        params, head = _parse_tensors(data, tensors_path)
+        params, head = _parse_tensors(data, tensors_path, raw["format_version"])
         _check_sha256(digest.result(), raw, "tensors_sha256", tensors_path, config_path)
-    validate_tensors(params, head, str(tensors_path))
+    validate_tensors(params, head, str(tensors_path), indices_proven=raw["format_version"] == 2)
     subnetworks = None
     if masks_data is not None:
         _check_sha256(hashlib.sha256(masks_data).hexdigest(), raw, "masks_sha256", masks_path, config_path)
@@ -257,44 +315,43 @@ def _check_head(delta: SparseDelta, tensors_path: Path) -> None:
         )
 
 
-def _read_header(data: bytes, path: Path) -> dict[str, Any]:
+def _read_header(data: bytes | np.ndarray, path: Path) -> dict[str, Any]:
     """A safetensors file's JSON header, bounded in size and nesting, a key given twice refused."""
     try:
-        (header_len,) = struct.unpack("<Q", data[:8])
+        (header_len,) = struct.unpack("<Q", bytes(data[:8]))
     except struct.error as exc:
         raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
     if header_len > min(_MAX_HEADER_BYTES, len(data) - 8):
         raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated (a header of {header_len:,} bytes "
                                f"in a file of {len(data):,})")
-    header = load_json(data[8 : 8 + header_len], path, "a valid safetensors file (its header is not JSON)")
+    header = load_json(bytes(data[8 : 8 + header_len]), path, "a valid safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
         raise DeltaFormatError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
     return header
 
 
-def _read_metadata(header: dict[str, Any], path: Path, format_name: str) -> dict[str, str]:
+def _read_metadata(header: dict[str, Any], path: Path, format_name: str, version: str) -> dict[str, str]:
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise DeltaFormatError(f"{path}: '__metadata__' is {brief(metadata)}; expected an object")
     if metadata.get("format") != format_name:
         raise DeltaFormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}; expected {format_name!r}")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") != version:
         raise DeltaFormatError(
-            f"{path}: metadata 'format_version' is {metadata.get('format_version')!r}; expected '{FORMAT_VERSION}'"
+            f"{path}: metadata 'format_version' is {metadata.get('format_version')!r}; expected '{version}'"
+            + (" (the manifest's format_version)" if format_name == FORMAT_NAME else "")
         )
     return metadata
 
 
 def _load_safetensors(
-    data: bytes, path: Path, format_name: str
+    data: bytes, path: Path, format_name: str, version: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
-    """The tensors, the metadata 'shapes' object and the metadata of a safetensors file of `format_name`."""
+    """The tensors, the metadata 'shapes' object and the metadata of a safetensors file of `format_name`
+    whose metadata must say `version`."""
     header = _read_header(data, path)
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # safetensors raises its own error types (and others on garbage)
-        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
-    metadata = _read_metadata(header, path, format_name)
+    tensors = _tensors_of(data, header, path)
+    metadata = _read_metadata(header, path, format_name, str(version))
     try:
         shapes = _metadata_json(metadata, "shapes", path)
         if not isinstance(shapes, dict):
@@ -309,6 +366,51 @@ def _load_safetensors(
     return tensors, {name: tuple(shape) for name, shape in shapes.items()}, metadata
 
 
+def _invalid(path: Path, problem: str) -> DeltaFormatError:
+    return DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({problem})")
+
+
+def _tensors_of(data: bytes | np.ndarray, header: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors header describes: each entry's dtype, shape and byte range checked, the
+    ranges tiling the data after the header exactly. Tensors share the memory of a numpy buffer (this
+    load's own, from `_read_buffer`); from `bytes` they are copies."""
+    start = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.keys() != {"dtype", "shape", "data_offsets"}:
+            raise _invalid(path, f"tensor {brief(key)}: expected dtype, shape and data_offsets")
+        dtype, shape, offsets = _SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+        if dtype is None:
+            raise _invalid(path, f"tensor {brief(key)}: unknown dtype {brief(entry['dtype'])}")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _MAX_NUMEL for d in shape) \
+                or math.prod(shape) >= _MAX_NUMEL:
+            raise _invalid(path, f"tensor {brief(key)}: shape {brief(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] and offsets[1] - offsets[0] == math.prod(shape) * dtype.itemsize):
+            raise _invalid(path, f"tensor {brief(key)}: data_offsets {brief(offsets)} do not hold its shape and dtype")
+        spans.append((offsets[0], offsets[1], key, dtype, shape))
+    spans.sort()
+    end = 0
+    for begin, stop, key, _, _ in spans:
+        if begin != end:
+            raise _invalid(path, f"tensor '{key}' starts at byte {begin}, expected {end} (overlapping or gapped data)")
+        end = stop
+    if start + end != len(data):
+        raise _invalid(path, f"the tensors hold {end:,} bytes but {len(data) - start:,} follow the header")
+    if not spans or end == 0:
+        return {key: torch.empty(shape, dtype=dtype) for _, _, key, dtype, shape in spans}
+    raw = torch.from_numpy(data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8).copy())
+    tensors = {}
+    for begin, stop, key, dtype, shape in spans:
+        piece = raw[start + begin : start + stop]
+        if (start + begin) % dtype.itemsize:  # misaligned (not as safetensors writes): an aligned copy
+            piece = piece.clone()
+        tensors[key] = piece.view(dtype).view(shape)
+    return tensors
+
+
 def _metadata_json(metadata: dict[str, Any], key: str, path: Path) -> Any:
     """A JSON value held as a string in safetensors metadata, read bounded (depth, keys given twice)."""
     value = metadata.get(key, "")
@@ -318,7 +420,7 @@ def _metadata_json(metadata: dict[str, Any], key: str, path: Path) -> Any:
 
 
 def _parse_masks(data: bytes, path: Path) -> SubnetworkMasks:
-    tensors, shapes, metadata = _load_safetensors(data, path, MASKS_FORMAT_NAME)
+    tensors, shapes, metadata = _load_safetensors(data, path, MASKS_FORMAT_NAME, MASKS_FORMAT_VERSION)
     try:
         languages = _metadata_json(metadata, "languages", path)
         if not isinstance(languages, list) or not languages or not all(isinstance(lang, str) for lang in languages):
@@ -328,26 +430,42 @@ def _parse_masks(data: bytes, path: Path) -> SubnetworkMasks:
     return SubnetworkMasks.from_tensors(tensors, shapes, languages, str(path))
 
 
-def _parse_tensors(data: bytes, path: Path) -> tuple[dict[str, ParameterDelta], dict[str, torch.Tensor]]:
-    tensors, shapes, _ = _load_safetensors(data, path, FORMAT_NAME)
-
-    head, indices, values = {}, {}, {}
+def _parse_tensors(
+    data: bytes, path: Path, format_version: int
+) -> tuple[dict[str, ParameterDelta], dict[str, torch.Tensor]]:
+    """The sparse entries and head tensors of a tensors file in `format_version` (v2's indices checked, then
+    decoded; everything else is checked by `validate_tensors`)."""
+    tensors, shapes, _ = _load_safetensors(data, path, FORMAT_NAME, format_version)
+    expected = SPARSE_PARTS[format_version]
+    head: dict[str, torch.Tensor] = {}
+    sparse: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        name, _, part = key.rpartition("::")
         if key.startswith(HEAD_PREFIX) and len(key) > len(HEAD_PREFIX):
             head[key[len(HEAD_PREFIX) :]] = tensor
-        elif key.endswith(INDICES_SUFFIX) and len(key) > len(INDICES_SUFFIX):
-            indices[key[: -len(INDICES_SUFFIX)]] = tensor
-        elif key.endswith(VALUES_SUFFIX) and len(key) > len(VALUES_SUFFIX):
-            values[key[: -len(VALUES_SUFFIX)]] = tensor
+        elif name and part in expected:
+            sparse.setdefault(name, {})[part] = tensor
         else:
-            raise DeltaFormatError(f"{path}: unexpected tensor '{key}'; expected 'P::indices', 'P::values' or 'head::H'")
-    for name in indices.keys() ^ values.keys():
-        have, lack = ("indices", "values") if name in indices else ("values", "indices")
-        raise DeltaFormatError(f"{path}: tensor '{name}::{have}' has no matching '{name}::{lack}'")
-    for name in indices.keys() ^ shapes.keys():
-        where = "metadata 'shapes' lacks" if name in indices else "metadata 'shapes' names a parameter with no tensors:"
+            wanted = ", ".join(f"'P::{part}'" for part in expected)
+            raise DeltaFormatError(f"{path}: unexpected tensor '{key}'; format version {format_version} expects "
+                                   f"{wanted} or 'head::H'")
+    for name, parts in sparse.items():
+        if len(parts) != len(expected):
+            have = next(part for part in expected if part in parts)
+            lack = next(part for part in expected if part not in parts)
+            raise DeltaFormatError(f"{path}: tensor '{name}::{have}' has no matching '{name}::{lack}'")
+    for name in sparse.keys() ^ shapes.keys():
+        where = "metadata 'shapes' lacks" if name in sparse else "metadata 'shapes' names a parameter with no tensors:"
         raise DeltaFormatError(f"{path}: {where} '{name}'")
     params = {}
-    for name in indices:
-        params[name] = ParameterDelta(indices[name], values[name], shapes[name])
+    for name, parts in sparse.items():
+        indices = parts.get("indices")
+        if indices is None:
+            code = gaps.GapCode(parts["gaps"], parts["escape_positions"], parts["escape_values"])
+            gaps.check(code, math.prod(shapes[name]), name, str(path))
+            if code.gaps.numel() != parts["values"].numel():
+                raise DeltaFormatError(f"{path}: '{name}::gaps' has {code.gaps.numel()} entries but "
+                                       f"'{name}::values' has {parts['values'].numel()}")
+            indices = gaps.decode(code, math.prod(shapes[name]))
+        params[name] = ParameterDelta(indices, parts["values"], shapes[name])
     return params, head

@@ -75,7 +75,8 @@ def other_bert_dir(tmp_path_factory):
 
 @pytest.fixture
 def artifact(bert_task_delta, tmp_path) -> Path:
-    return bert_task_delta.save_pretrained(tmp_path / "artifact")
+    """Format version 1, whose `P::indices` the corruptions below edit (version 2's: tests/test_format_v2.py)."""
+    return bert_task_delta.save_pretrained(tmp_path / "artifact", format_version=1)
 
 
 @pytest.fixture
@@ -290,8 +291,8 @@ def _wrong_format_name(tensors, metadata):
 
 
 def _future_format_version(tensors, metadata):
-    metadata["format_version"] = "2"
-    return ["format_version", "'2'"]
+    metadata["format_version"] = "3"
+    return ["format_version", "'3'"]
 
 
 TENSOR_CORRUPTIONS = {
@@ -397,7 +398,7 @@ def test_delta_that_does_not_fit_the_base_is_refused(artifact, fresh_model, tiny
 
 def test_compose_refuses_misfit_before_applying_any_delta(tmp_path, fresh_model, bert_task_delta, bert_lang_delta):
     assert P in bert_lang_delta.params
-    directory = bert_lang_delta.save_pretrained(tmp_path / "lang")
+    directory = bert_lang_delta.save_pretrained(tmp_path / "lang", format_version=1)
     tensors, metadata = read_tensors(directory)
     _rename_parameter(tensors, metadata)
     rewrite_tensors(directory, tensors, metadata)
@@ -441,7 +442,7 @@ def test_manifest_missing(artifact):
     "field, value",
     [
         ("kind", "adapter"),
-        ("format_version", 2),
+        ("format_version", 3),
         ("num_parameters", 0),
         ("labels", []),
         ("base_model", {"id": "x", "arch_digest": "a"}),
@@ -501,7 +502,7 @@ def test_classification_task_delta_without_head_is_rejected(artifact):
 
 
 def test_language_delta_with_head_tensors_is_rejected(bert_lang_delta, bert_task_delta, tmp_path):
-    directory = bert_lang_delta.save_pretrained(tmp_path / "lang")
+    directory = bert_lang_delta.save_pretrained(tmp_path / "lang", format_version=1)
     tensors, metadata = read_tensors(directory)
     tensors.update({f"head::{name}": t for name, t in bert_task_delta.head.items()})
     rewrite_tensors(directory, tensors, metadata)

@@ -1,7 +1,8 @@
-"""The artifact contract, format version 1: files, keys, dtypes, metadata, manifest, model card.
+"""The artifact contract, format versions 1 and 2: files, keys, dtypes, metadata, manifest, model card.
 
-The tensors file is read here with `safetensors.safe_open` directly, independently of our loader,
-so these tests pin the on-disk format itself and not just "save then load gives the same thing".
+The tensors file is read here with `safetensors.safe_open` directly, and version 2's gaps are decoded
+here with numpy, independently of our loader, so these tests pin the on-disk format itself and not
+just "save then load gives the same thing". Tests taking `version` run on both format versions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -27,6 +29,13 @@ from sftstore.store import DeltaStore
 # both architectures and `request.getfixturevalue(which)` can build the delta on that base.
 DELTA_FIXTURES = ["lang_delta", "task_delta"]
 _BITS = {4: torch.int32, 2: torch.int16}
+PARTS = {1: ("indices", "values"), 2: ("gaps", "escape_positions", "escape_values", "values")}
+
+
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def version(request) -> int:
+    """The artifact format version a test writes and reads."""
+    return request.param
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -68,21 +77,32 @@ def read_manifest(directory: Path) -> dict:
     return json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
 
 
+def stored_indices(tensors: dict[str, torch.Tensor], name: str, version: int) -> np.ndarray:
+    """The flat indices of `name` as the file stores them, decoded here (v2: gaps with 0 at each escape
+    position, whose full gap is in the escape list; the first gap counts from -1)."""
+    if version == 1:
+        return tensors[f"{name}::indices"].numpy().astype(np.int64)
+    gaps = tensors[f"{name}::gaps"].numpy().astype(np.int64)
+    positions = tensors[f"{name}::escape_positions"].numpy()
+    gaps[positions] = tensors[f"{name}::escape_values"].numpy()
+    return np.cumsum(gaps) - 1
+
+
 # ---- round trip --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("which", DELTA_FIXTURES)
-def test_save_load_round_trip_is_bit_exact(request, which, tiny_base_dir, tmp_path):
+def test_save_load_round_trip_is_bit_exact(request, which, tiny_base_dir, tmp_path, version):
     delta = request.getfixturevalue(which)
     assert delta.nnz > 0
     if which == "task_delta":
         assert delta.head
-    out = delta.save_pretrained(tmp_path / "artifact")
+    out = delta.save_pretrained(tmp_path / "artifact", format_version=version)
     assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, CONFIG_FILE, CARD_FILE])
     loaded = SparseDelta.from_pretrained(out)
     assert_same_delta(delta, loaded)
     # A second save of the loaded delta writes byte-identical tensors and manifest.
-    again = loaded.save_pretrained(tmp_path / "again")
+    again = loaded.save_pretrained(tmp_path / "again", format_version=version)
     for name in (TENSORS_FILE, CONFIG_FILE):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
 
@@ -91,24 +111,34 @@ def test_save_load_round_trip_is_bit_exact(request, which, tiny_base_dir, tmp_pa
 
 
 @pytest.mark.parametrize("which", DELTA_FIXTURES)
-def test_tensors_file_layout(request, which, ner_model, tmp_path):
+def test_tensors_file_layout(request, which, ner_model, tmp_path, version):
     delta = request.getfixturevalue(which)
-    out = delta.save_pretrained(tmp_path / "artifact")
+    out = delta.save_pretrained(tmp_path / "artifact", format_version=version)
     tensors, metadata = read_tensors_file(out / TENSORS_FILE)
     base = base_parameters(ner_model)
 
-    expected_keys = {f"{p}::{part}" for p in delta.params for part in ("indices", "values")}
+    expected_keys = {f"{p}::{part}" for p in delta.params for part in PARTS[version]}
     expected_keys |= {f"head::{h}" for h in delta.head}
     assert set(tensors) == expected_keys
 
     for name in delta.params:
         assert name in base, f"{name} is not named relative to model.base_model"
-        indices, values = tensors[f"{name}::indices"], tensors[f"{name}::values"]
-        assert indices.dtype == torch.int32 and indices.dim() == 1
+        values = tensors[f"{name}::values"]
+        if version == 1:
+            assert tensors[f"{name}::indices"].dtype == torch.int32 and tensors[f"{name}::indices"].dim() == 1
+        else:
+            gaps, positions = tensors[f"{name}::gaps"], tensors[f"{name}::escape_positions"]
+            escapes = tensors[f"{name}::escape_values"]
+            assert gaps.dtype == torch.uint8 and gaps.dim() == 1 and gaps.numel() == values.numel()
+            assert positions.dtype == escapes.dtype == torch.int32 and positions.numel() == escapes.numel()
+            assert torch.equal((gaps == 0).nonzero().squeeze(1), positions.long()), "zeros mark the escapes exactly"
+            assert bool((escapes > 255).all()), "only gaps that do not fit in a byte are escaped"
+        indices = stored_indices(tensors, name, version)
         assert values.dtype == torch.float32 and values.dim() == 1
-        assert indices.numel() == values.numel() > 0
-        assert bool((indices[1:] > indices[:-1]).all()), f"{name}::indices not strictly increasing"
-        assert 0 <= int(indices[0]) and int(indices[-1]) < base[name].numel()
+        assert len(indices) == values.numel() > 0
+        assert bool((np.diff(indices) > 0).all()), f"{name}: indices not strictly increasing"
+        assert 0 <= indices[0] and indices[-1] < base[name].numel()
+        assert np.array_equal(indices, delta.params[name].indices.numpy())
         assert bool(torch.isfinite(values).all()) and bool((values != 0).all())
 
     if which == "task_delta":
@@ -121,22 +151,23 @@ def test_tensors_file_layout(request, which, ner_model, tmp_path):
         assert not any(key.startswith("head::") for key in tensors)
 
     assert metadata["format"] == "sftstore-delta"
-    assert metadata["format_version"] == "1"
+    assert metadata["format_version"] == str(version)
     shapes = json.loads(metadata["shapes"])
     assert shapes == {name: list(base[name].shape) for name in delta.params}
 
 
 @pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])
-def test_half_precision_values_round_trip(ner_model, tmp_path, dtype, name):
+def test_half_precision_values_round_trip(ner_model, tmp_path, dtype, name, version):
     tuned = copy.deepcopy(ner_model)
     masks = perturb(tuned, density=0.05, seed=21)
     delta = SparseDelta.from_models(ner_model, tuned, masks=masks, values_dtype=dtype, kind="language", language="hau")
     assert delta.values_dtype == dtype
-    out = delta.save_pretrained(tmp_path / "artifact")
+    out = delta.save_pretrained(tmp_path / "artifact", format_version=version)
 
     tensors, _ = read_tensors_file(out / TENSORS_FILE)
     assert {t.dtype for key, t in tensors.items() if key.endswith("::values")} == {dtype}
-    assert {t.dtype for key, t in tensors.items() if key.endswith("::indices")} == {torch.int32}
+    index_part = "::indices" if version == 1 else "::gaps"
+    assert {t.dtype for key, t in tensors.items() if key.endswith(index_part)} == {torch.int32 if version == 1 else torch.uint8}
     assert read_manifest(out)["values_dtype"] == name
 
     loaded = SparseDelta.from_pretrained(out)
@@ -156,16 +187,16 @@ REQUIRED_FIELDS = (
 
 
 @pytest.mark.parametrize("which", DELTA_FIXTURES)
-def test_manifest_fields(request, which, ner_model, tmp_path):
+def test_manifest_fields(request, which, ner_model, tmp_path, version):
     delta = request.getfixturevalue(which)
-    out = delta.save_pretrained(tmp_path / "artifact")
+    out = delta.save_pretrained(tmp_path / "artifact", format_version=version)
     manifest = read_manifest(out)
     tensors, _ = read_tensors_file(out / TENSORS_FILE)
     base = base_parameters(ner_model)
 
     missing = [f for f in REQUIRED_FIELDS if f not in manifest]
     assert not missing
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == version
     if which == "lang_delta":
         assert manifest["kind"] == "language"
         assert manifest["language"] == "hau" and manifest["languages"] == ["hau"]
@@ -186,7 +217,7 @@ def test_manifest_fields(request, which, ner_model, tmp_path):
     assert manifest["method"]["name"] == "synthetic"
     assert manifest["values_dtype"] == "float32"
     assert manifest["tensors_sha256"] == hashlib.sha256((out / TENSORS_FILE).read_bytes()).hexdigest()
-    nnz = sum(t.numel() for key, t in tensors.items() if key.endswith("::indices"))
+    nnz = sum(t.numel() for key, t in tensors.items() if key.endswith("::values"))
     assert manifest["nnz"] == nnz == delta.nnz
     assert manifest["num_parameters"] == sum(p.numel() for p in base.values())
     assert manifest["density"] == pytest.approx(nnz / manifest["num_parameters"], rel=1e-12)
@@ -279,7 +310,7 @@ def test_bitfit_like_mask_touches_only_biases(ner_model, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["language", "task"])
-def test_empty_delta_saves_and_loads(ner_model, tmp_path, kind):
+def test_empty_delta_saves_and_loads(ner_model, tmp_path, kind, version):
     fields = (
         dict(kind="language", language="hau")
         if kind == "language"
@@ -287,7 +318,7 @@ def test_empty_delta_saves_and_loads(ner_model, tmp_path, kind):
     )
     delta = SparseDelta.from_models(ner_model, copy.deepcopy(ner_model), **fields)
     assert delta.nnz == 0 and delta.params == {} and delta.density == 0.0
-    out = delta.save_pretrained(tmp_path / "empty")
+    out = delta.save_pretrained(tmp_path / "empty", format_version=version)
 
     tensors, metadata = read_tensors_file(out / TENSORS_FILE)
     assert set(tensors) == ({"head::classifier.weight", "head::classifier.bias"} if kind == "task" else set())

@@ -1,6 +1,6 @@
-"""Seeded fuzzing of artifacts: whatever the bytes, loading gives a clean error or a valid delta, never
-another exception, and neither the store nor the model changes unless the delta is valid (and then a
-revert is exact).
+"""Seeded fuzzing of artifacts (format versions 1 and 2): whatever the bytes, loading gives a clean error or
+a valid delta, never another exception, and neither the store nor the model changes unless the delta is
+valid (and then a revert is exact).
 
 `SFTSTORE_FUZZ_CASES` sets how many mutated artifacts each test tries (default 150: a few seconds);
 `SFTSTORE_FUZZ_SEED` another seed.
@@ -129,12 +129,14 @@ def assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
         assert torch.equal(p.detach(), before[name]), name
 
 
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
 @pytest.mark.parametrize("which", ["lang_delta", "task_delta"])
-def test_mutated_artifacts_give_a_clean_error_or_a_valid_delta(request, which, ner_model, tmp_path, store_home):
-    source = request.getfixturevalue(which).save_pretrained(tmp_path / "source")
+def test_mutated_artifacts_give_a_clean_error_or_a_valid_delta(request, which, version, ner_model, tmp_path,
+                                                                store_home):
+    source = request.getfixturevalue(which).save_pretrained(tmp_path / "source", format_version=version)
     store = DeltaStore()
     before = snapshot(ner_model)
-    rng = random.Random(f"{SEED}-{which}-{ner_model.config.model_type}")
+    rng = random.Random(f"{SEED}-{which}-{ner_model.config.model_type}" + ("" if version == 1 else "-v2"))
     outcomes = {"refused": 0, "valid": 0}
     for case in range(CASES):
         directory = tmp_path / f"case-{case}"
