@@ -126,6 +126,7 @@ CASES = [
     ("language", "method", set_field("method", [])),
     ("language", "method", set_field("method", {"name": {"x": 1}})),
     ("language", "num_parameters", set_field("num_parameters", "1000")),
+    ("language", "requested_k", set_field("requested_k", "1000")),
     ("language", "num_parameters", set_field("num_parameters", 2**63)),
     ("language", "num_parameters", set_raw("num_parameters", "9" * 5000)),
     ("language", "nnz", set_field("nnz", "5")),

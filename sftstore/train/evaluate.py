@@ -11,6 +11,8 @@ from seqeval.scheme import IOB2
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .progress import bar
+
 # What each task scores, and the metric used to keep the best checkpoint.
 TASK_METRICS = {"ner": "f1", "pos": "accuracy", "nli": "accuracy"}
 
@@ -55,12 +57,15 @@ def sequence_metrics(prediction) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, collator, batch_size: int = 32) -> list[list[int]] | list[int]:
-    """Arg-max predictions over `dataset`: per-position label ids (token tasks) or one id per item."""
+def predict(model: nn.Module, dataset, collator, batch_size: int = 32, bars: bool = False,
+            desc: str = "predicting") -> list[list[int]] | list[int]:
+    """Arg-max predictions over `dataset`: per-position label ids (token tasks) or one id per item;
+    `bars`: a bar (`desc`) on stderr."""
     model.eval()
     device = next(model.parameters()).device
     outputs = []
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+    batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    for batch in bar(batches, bars, desc, total=len(batches)):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         best = model(**batch).logits.argmax(-1).cpu()
         if best.dim() == 1:

@@ -52,14 +52,19 @@ def train_language_delta(
     options: TrainingOptions,
     held_out_fraction: float = 0.05,
     max_lines: int | None = None,
+    held_out_max_lines: int | None = None,
     revision: str | None = None,
     resume: bool = False,
 ) -> SparseDelta:
-    """Train a language delta on `text_files` (the first `max_lines` lines, if given); return it (not stored)."""
+    """Train a language delta on `text_files` (the first `max_lines` lines, if given); return it (not stored).
+
+    `held_out_max_lines` caps the held-out lines that pick the checkpoint (they cost an evaluation each time)."""
     started = time.time()
+    options = options.fitted_to(base, revision)
     tokenizer = load_tokenizer(base, revision)
     lines = [line for path in text_files for line in read_text_lines(path)][:max_lines]
     train_lines, held_out = split_held_out(lines, held_out_fraction, seed=options.seed)
+    held_out = held_out[:held_out_max_lines]
     train_set = MlmDataset(train_lines, tokenizer, options.max_length)
     eval_set = MlmDataset(held_out, tokenizer, options.max_length)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
@@ -68,7 +73,8 @@ def train_language_delta(
     torch.manual_seed(options.seed)  # reproducible initialisation of a head the checkpoint lacks
     result = train_sparse(
         lambda: prepare_mlm_model(base, revision), args, sft, resume=resume, keep_head=False,
-        train_dataset=train_set, eval_dataset=eval_set, data_collator=collator, **options.trainer_kwargs(),
+        train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+        **options.trainer_kwargs(label=f"lang/{language}"),
     )
     best = [phase["best_metric"] for phase in result.log["phases"]][-1]
     config = config_for_base(
@@ -78,6 +84,7 @@ def train_language_delta(
         kind="language",
         language=language,
         method=sft.record(),
+        requested_k=result.log.get("k"),
         training={
             "data": describe_files(text_files),
             "lines": {"train": len(train_lines), "held_out": len(held_out)},

@@ -10,6 +10,9 @@
 - `bitfit`: every bias entry, then phase 2 only.
 - `full`: dense fine-tuning; the delta keeps every entry that changed.
 
+The delta of a sparse method holds its whole support: an entry selected but never moved (no
+gradient reached it) is stored with value 0, so the stored nnz is the K that was asked for.
+
 A run needs `make_model()`, which returns a fresh model at theta0 (for task training: the base with
 the source-language delta applied, frozen parameters already frozen); theta0 is re-created with it
 whenever needed rather than kept resident.
@@ -140,9 +143,12 @@ class _Run:
         model = self.make_model()
         self.head_init = {n: p.detach().clone() for n, p in head_parameters(model).items()}
         trainable = _trainable(model)
-        self.l1_count = total = sum(p.numel() for p in trainable.values())
+        total = sum(p.numel() for p in trainable.values())
+        # N in the paper's lambda / N: every parameter of the model (frozen, head and untied decoder
+        # included), as composable-sft counts it, so that lambda = 0.1 pulls as hard as the paper's
+        self.l1_count = sum(p.numel() for p in model.parameters())
         # dense phases pull towards theta0, which then has to stay resident (4 bytes per parameter)
-        self.dense_l1 = {"l1_count": total}
+        self.dense_l1 = {"l1_count": self.l1_count}
         if self.sft.l1_lambda:
             self.dense_l1["l1_reference"] = {n: p.detach().clone().float() for n, p in trainable.items()}
         sft = self.sft
@@ -185,17 +191,17 @@ def _load_supported(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Non
 
 @torch.no_grad()
 def sparse_difference(tuned: nn.Module, theta0: nn.Module | None, support: Support | None) -> dict[str, ParameterDelta]:
-    """theta - theta0 on the support (or, for dense runs, wherever the weights changed)."""
+    """theta - theta0 on the whole support, entries that never moved included (stored as 0, so a run
+    asked for K entries stores K), or, for dense runs, wherever the weights changed."""
     params = base_parameters(tuned)
     result = {}
     if support is not None:
         for name, indices in support.indices.items():
             flat = params[name].detach().reshape(-1)
             values = flat.index_select(0, indices).float() - support.start_values[name]
-            keep = values != 0
-            if bool(keep.any()):
-                result[name] = ParameterDelta(indices[keep].to("cpu", index_dtype_for(flat.numel())),
-                                              values[keep].cpu(), tuple(params[name].shape))
+            if indices.numel():
+                result[name] = ParameterDelta(indices.to("cpu", index_dtype_for(flat.numel())), values.cpu(),
+                                              tuple(params[name].shape))
         return result
     start = base_parameters(theta0)
     for name, param in params.items():

@@ -368,6 +368,8 @@ def train_s4(
         if callable(base):
             raise ValueError("give `tokenizer` when `base` is a model factory")
         tokenizer = load_tokenizer(base, revision)
+    if not callable(base):
+        options = options.fitted_to(base, revision)
     factory = _as_factory(base, task_type, labels, revision)
     base_id = task_delta.config.base_model.id if callable(base) else base_key(base)
 
@@ -401,7 +403,8 @@ def train_s4(
         args = dataclasses.replace(args, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
     trainer = S4Trainer(model=model, args=args, support=union_support, language_supports=supports,
                         exact_updates=exact_updates, prune_with=[masks[lang] for lang in names] if pruning else None,
-                        data_collator=collator, **data, **options.trainer_kwargs())
+                        data_collator=collator, **data,
+                        **options.trainer_kwargs(label=f"task/{name or task_delta.config.task or task}"))
     try:
         result = trainer.train()
     finally:
@@ -431,7 +434,8 @@ def train_s4(
             "options": options.record(),
             "log": {"steps": result.global_step, "train_loss": result.training_loss,
                     "best_metric": trainer.state.best_metric, "k": mask_nnz(masks[names[0]]),
-                    "union_nnz": union_support.nnz, "update_nnz": sum(p.nnz for p in update.values()),
+                    "union_nnz": union_support.nnz,
+                    "update_nnz": sum(int(p.values.count_nonzero()) for p in update.values()),  # entries that moved
                     "mask_jaccard": overlap},
             "wall_seconds": round(time.time() - started, 1),
             "library": f"sftstore {__version__}",

@@ -23,8 +23,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..modeling import base_parameters
+from .progress import Progress, TrainingProgress
 from .slow_fast import SlowFastPolicy
 
 
@@ -51,7 +53,8 @@ class SparseFineTuningTrainer(Trainer):
 
     `l1_reference`: for dense training with L1, the starting values of every regularised base
     parameter ({name: tensor}); with a support, its own starting values are used.
-    `l1_count`: N in `lambda / N`, the number of regularised parameters.
+    `l1_count`: N in `lambda / N` (LT-SFT passes the number of all the model's parameters, as the paper's code does).
+    `progress`: how the run reports (bars, log lines); never `transformers`' printer of raw log dicts.
     """
 
     def __init__(
@@ -62,9 +65,13 @@ class SparseFineTuningTrainer(Trainer):
         l1_reference: Mapping[str, torch.Tensor] | None = None,
         l1_count: int | None = None,
         lr_policy: SlowFastPolicy | None = None,
+        progress: Progress | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        self.add_callback(TrainingProgress(progress or Progress()))
         # a fresh policy (phase, loss history) per training run, scaled to the model's depth
         self.lr_policy = None if lr_policy is None else dataclasses.replace(
             lr_policy, num_layers=lr_policy.num_layers or self.model.config.num_hidden_layers)

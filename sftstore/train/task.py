@@ -40,7 +40,7 @@ from .data import (
 from .evaluate import TASK_METRICS, predict, score_labels, score_tags, sequence_metrics, token_metrics
 from .lt_sft import SparseFineTuningArguments, train_sparse
 from .multi_source import LanguageTaggedDataset, MultiSourceTrainer
-from .options import TrainingOptions
+from .options import TrainingOptions, fit_max_length
 
 TASK_TYPES = {"ner": "token-classification", "pos": "token-classification", "nli": "sequence-classification"}
 
@@ -54,7 +54,7 @@ class TaskData:
     files: list[str]
 
     @classmethod
-    def read(cls, task: str, files: Sequence[str | os.PathLike], label_map: Mapping[str, str] | None = None) -> "TaskData":
+    def read(cls, task: str, files: Sequence[str | os.PathLike], label_map: Mapping[str, str] | None = None) -> TaskData:
         if task not in TASK_TYPES:
             raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_TYPES)}")
         examples = []
@@ -67,7 +67,7 @@ class TaskData:
                 examples += read_nli_tsv(path)
         return cls(task, examples, [os.fspath(f) for f in files])
 
-    def head(self, count: int | None) -> "TaskData":
+    def head(self, count: int | None) -> TaskData:
         """The first `count` examples (all when None)."""
         return TaskData(self.task, self.examples[:count], self.files)
 
@@ -109,6 +109,7 @@ def train_task_delta(
     delta under another task name than `task` (e.g. `ner-conll`).
     """
     started = time.time()
+    options = options.fitted_to(base, revision)
     task_type = TASK_TYPES[task]
     trains, devs = ([train], [dev]) if isinstance(train, TaskData) else (list(train), list(dev))
     multi_source = len(trains) > 1
@@ -142,7 +143,7 @@ def train_task_delta(
     torch.manual_seed(options.seed)  # the same head initialisation for the same seed
     result = train_sparse(
         make_model, args, sft, resume=resume, data_collator=collator_for(task, tokenizer),
-        compute_metrics=compute_metrics, **data, **options.trainer_kwargs(),
+        compute_metrics=compute_metrics, **data, **options.trainer_kwargs(label=f"task/{name or task}"),
     )
     config = config_for_base(
         load_model(base, task_type, labels, revision),
@@ -153,6 +154,7 @@ def train_task_delta(
         task_type=task_type,
         labels=labels,
         method=sft.record(),
+        requested_k=result.log.get("k"),
         training={
             "data": {"train": [describe_files(d.files) for d in trains], "dev": [describe_files(d.files) for d in devs]},
             "examples": {"train": [len(d.examples) for d in trains], "dev": [len(d.examples) for d in devs]},
@@ -168,13 +170,16 @@ def train_task_delta(
 
 
 def evaluate_task(model: nn.Module, tokenizer, data: TaskData, labels: Sequence[str], max_length: int = 256,
-                  batch_size: int = 32) -> dict[str, float]:
-    """Score a (composed) model on `data`: seqeval entity F1 for NER, accuracy for POS and NLI."""
+                  batch_size: int = 32, bars: bool = False, desc: str = "evaluating") -> dict[str, float]:
+    """Score a (composed) model on `data`: seqeval entity F1 for NER, accuracy for POS and NLI.
+
+    `max_length` is clamped to what the model's position embeddings take; `bars`: a bar (`desc`) on stderr."""
+    max_length = fit_max_length(model.config, max_length)
     id2label = dict(enumerate(labels))
     # gold labels the model lacks only need ids to tokenise; they are simply never predicted
     eval_labels = list(labels) + [label for label in data.labels() if label not in labels]
     dataset = data.dataset(tokenizer, eval_labels, max_length)
-    predictions = predict(model, dataset, collator_for(data.task, tokenizer), batch_size)
+    predictions = predict(model, dataset, collator_for(data.task, tokenizer), batch_size, bars=bars, desc=desc)
     if data.task == "nli":
         return score_labels([label for _, _, label in data.examples], [id2label[p] for p in predictions])
     predicted = [dataset.word_predictions(i, row, id2label) for i, row in enumerate(predictions)]
