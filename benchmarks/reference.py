@@ -217,6 +217,7 @@ def run_reference(python: Path, reference: Path, kind: str, method: str, model_d
             "data": str(data), "seed": opts.seed, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
             "weight_decay": opts.weight_decay, "k": k, "l1": opts.l1 if kind == "language" else 0.0,
             "l1_maskable_only": True, "phase1_steps": opts.phase1_steps, "phase2_steps": opts.phase2_steps,
+            "detach_theta0": opts.detach_reference_theta0,
             "output_dir": str(work / f"ref-{kind}-{method}"), "output": str(work / f"ref-{kind}-{method}.safetensors")}
     if spec["method"] == "masked":
         spec["mask_file"] = str(work / f"mask-{kind}-{method}.safetensors")
@@ -290,6 +291,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--l1", type=float, default=0.1, help="L1 lambda of the language deltas (the paper's 0.1)")
+    parser.add_argument("--detach-reference-theta0", action="store_true",
+                        help="detach the reference's stored starting weights, without which its L1 term has no gradient "
+                             "(README, 'Equivalence with composable-sft')")
     parser.add_argument("--density", type=float, default=0.05, help="K as a fraction of the maskable entries")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--hidden", type=int, default=64)
@@ -354,7 +358,8 @@ def print_table(rows: list[dict], opts) -> None:
              "given" if r["jaccard"] is None else f"{r['jaccard']:.4f}", f"{r['max_abs']:.2e}", f1(r, 0), f1(r, 1)]
             for r in rows]
     print(f"phase 1 {opts.phase1_steps} steps, phase 2 {opts.phase2_steps} steps, batch {opts.batch_size}, "
-          f"lr {opts.learning_rate}, density {opts.density}, L1 {opts.l1} (language), dropout {opts.dropout}, "
+          f"lr {opts.learning_rate}, density {opts.density}, L1 {opts.l1} (language"
+          f"{', reference theta0 detached' if opts.detach_reference_theta0 else ''}), dropout {opts.dropout}, "
           f"seed {opts.seed}; F1: task delta on CoNLL-2003 en dev, language + task deltas on MasakhaNER hau test")
     if opts.markdown:
         print("| " + " | ".join(header) + " |")

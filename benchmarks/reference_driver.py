@@ -8,7 +8,8 @@ the transformers 4.x that the reference needs, so it runs with the reference ven
 SPEC names the model directory, the data file (tensors already in training order), the hyper-parameters
 and the output file. `method` is `lt-sft` (its `LotteryTicketSparseFineTuner`, unmodified) or `masked`
 (its `SparseFineTuner` trained inside a support given in `mask_file`: the reference has no Rand-SFT or
-BitFit selection, only the masked training they share with LT-SFT's phase 2). The output holds, per
+BitFit selection, only the masked training they share with LT-SFT's phase 2). `detach_theta0` (optional)
+detaches its stored starting weights, the one change made to it, and only on request. The output holds, per
 parameter (full names): `mask::NAME` (the reference's selection), `diff::NAME` (its stored differences,
 `trainer.sft()`, dense) and `head::NAME` (its stored dense values), plus `theta0::NAME` checksums in a
 JSON sidecar so the caller can check both sides started from the same weights.
@@ -95,6 +96,10 @@ def main(spec_path: str) -> None:
         for name, mask in given.items():
             trainer._mask[name] |= mask.bool().reshape(trainer._mask[name].shape)
         trainer.enable_masking()
+    if spec.get("detach_theta0"):
+        # its __init__ copies theta0 with `zeros_like(p).copy_(p)` outside no_grad, so the copy keeps autograd
+        # history back to p and d|p - theta0|/dp cancels to exactly 0: detached, its L1 term reaches `.grad`
+        trainer._original_params = {n: t.detach() for n, t in trainer._original_params.items()}
     trainer.train()
     result = trainer.sft()
     tensors = {f"mask::{n}": m.to(torch.uint8).contiguous() for n, m in trainer._mask.items()}
