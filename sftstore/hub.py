@@ -174,7 +174,7 @@ def _verified_bytes(download: Download) -> dict[str, bytes]:
     return files
 
 
-def _stored_names(ref: DeltaRef, entry: RegistryEntry | None) -> list[str]:
+def stored_names(ref: DeltaRef, entry: RegistryEntry | None) -> list[str]:
     """The names `ref` may be stored under: as given, the registry's name for it, and (languages) its
     other ISO 639 codes."""
     names = [ref.name] + ([entry.name] if entry is not None else [])
@@ -199,7 +199,7 @@ def resolve_or_pull(
     entry = (registry or load_registry()).find(base, ref.kind, ref.name)
     if labels and entry is not None and entry.format == "sftstore":
         raise RefNotFoundError(_OWN_LABELS.format(repo_id=entry.repo_id))
-    for name in _stored_names(ref, entry):
+    for name in stored_names(ref, entry):
         if store.list(base=base, kind=ref.kind, name=name):
             version = store.resolve(DeltaRef(ref.kind, name, ref.selector), base)
             stored_labels = store.manifest(version).get("labels") or []
@@ -213,7 +213,8 @@ def resolve_or_pull(
     if entry.unsupported_with(labels):
         raise RefNotFoundError(f"{missing}; the registry's {entry.repo_id} cannot be used: {entry.unsupported_with(labels)}")
     if not pull:
-        raise RefNotFoundError(f"{missing}; pulling {entry.repo_id} from the Hub is switched off (--no-pull)")
+        raise RefNotFoundError(f"{missing}; pulling {entry.repo_id} from the Hub is switched off here "
+                               "(sft compose --no-pull; sft serve without --allow-pull)")
     pulled = pull_from_hub(store, entry.repo_id, entry.revision, base=base, entry=entry, labels=labels, **hub_kwargs)
     if ref.selector is None:
         return pulled.version

@@ -6,7 +6,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ..errors import InvalidNameError, RefNotFoundError, SftError
-from ..hub import _stored_names, resolve_or_pull
+from ..hub import resolve_or_pull, stored_names
 from ..naming import DeltaRef
 from ..predict import PREDICTABLE_TASK_TYPES
 from ..registry import load_registry
@@ -75,5 +75,5 @@ class PairResolver:
             return resolve_or_pull(self.store, ref, self.base, pull=self.allow_pull)
         except RefNotFoundError as exc:
             entry = load_registry().find(self.base, ref.kind, ref.name)
-            tried = [str(DeltaRef(ref.kind, name, ref.selector)) for name in _stored_names(ref, entry)]
+            tried = [str(DeltaRef(ref.kind, name, ref.selector)) for name in stored_names(ref, entry)]
             raise PairNotFound(str(exc), tried) from None
