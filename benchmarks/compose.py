@@ -267,7 +267,7 @@ def measure_compose(
         if repeat == 0:
             check_compose(model, before, sampled[1], deltas)
         revert_times.append(timed(lambda: [handle.revert() for handle in reversed(handles)], device)[0])
-        del handles
+        handles = None  # free the originals before the next repeat
     check_reverted(model, before)
     return min(compose_times), min(revert_times)
 
@@ -364,7 +364,7 @@ def measure_baseline(
     save = best_of(lambda: torch.save(encoded[0], paths[0]), repeats)
     for obj, path in zip(encoded[1:], paths[1:]):
         torch.save(obj, path)
-    del encoded
+    encoded = None  # free the encoded lists before measuring load
     collect()
     sizes = (paths[0].stat().st_size / language.nnz, paths[1].stat().st_size / task.nnz)
     load = best_of(lambda: [torch.load(path, weights_only=False) for path in paths], repeats)
