@@ -33,6 +33,7 @@ from .config import FORMAT_VERSION, FORMAT_VERSIONS, MANIFEST_REQUIRED, MAX_MANI
 from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
 from .errors import DeltaFormatError
 from .subnetworks import SubnetworkMasks
+from .summary import decode_header, header_length
 
 TENSORS_FILE = "sft_delta.safetensors"
 CONFIG_FILE = "sft_config.json"
@@ -48,7 +49,6 @@ MASKS_FORMAT_VERSION = 1  # the masks file's layout, the same in artifacts of ei
 SPARSE_PARTS = {1: ("indices", "values"), 2: (*gaps.GAP_PARTS, "values")}
 _MAX_NUMEL = 2**62  # larger shapes in metadata are refused (no real parameter comes near)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -316,18 +316,9 @@ def _check_head(delta: SparseDelta, tensors_path: Path) -> None:
 
 
 def _read_header(data: bytes | np.ndarray, path: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header, bounded in size and nesting, a key given twice refused."""
-    try:
-        (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-    except struct.error as exc:
-        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({exc})") from None
-    if header_len > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated (a header of {header_len:,} bytes "
-                               f"in a file of {len(data):,})")
-    header = load_json(bytes(data[8 : 8 + header_len]), path, "a valid safetensors file (its header is not JSON)")
-    if not isinstance(header, dict):
-        raise DeltaFormatError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
-    return header
+    """The JSON header of a safetensors file read whole into `data`."""
+    length = header_length(bytes(data[:8]), len(data), path)
+    return decode_header(bytes(data[8 : 8 + length]), path)
 
 
 def _read_metadata(header: dict[str, Any], path: Path, format_name: str, version: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ the files' sha256 when it took them in, and `sft verify` re-checks them).
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -40,22 +41,31 @@ class LayerCount:
         return self.nnz / self.numel if self.numel else 0.0
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header (bounded) and the offset where its data starts."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER_BYTES:
-            raise DeltaFormatError(f"{path}: a safetensors header of {length:,} bytes is larger than allowed")
-        data = handle.read(length)
-    if len(data) < length:
-        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated")
-    header = load_json(data, path, "a valid safetensors file (its header is not JSON)")
+def header_length(prefix: bytes, file_size: int, path: Path) -> int:
+    """The header length a safetensors file's 8-byte `prefix` declares, checked against the file's size and
+    safetensors' own limit."""
+    if len(prefix) < 8:
+        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated ({file_size:,} bytes)")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > min(_MAX_HEADER_BYTES, file_size - 8):
+        raise DeltaFormatError(f"{path}: not a valid safetensors file, or truncated (a header of {length:,} bytes "
+                               f"in a file of {file_size:,})")
+    return length
+
+
+def decode_header(raw: bytes, path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, bounded in size and nesting, a key given twice refused."""
+    header = load_json(raw, path, "a valid safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
         raise DeltaFormatError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
-    return header, 8 + length
+    return header
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the offset where its data starts, reading only the header."""
+    with open(path, "rb") as handle:
+        length = header_length(handle.read(8), os.fstat(handle.fileno()).st_size, path)
+        return decode_header(handle.read(length), path), 8 + length
 
 
 def _shapes(header: dict[str, Any], path: Path) -> dict[str, list[int]]:
