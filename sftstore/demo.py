@@ -15,7 +15,6 @@ The same module builds the tiny models and synthetic deltas that the tests use.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shlex
 import string
@@ -188,20 +187,6 @@ def run_demo(workdir: str | Path | None = None, echo: Callable[[str], None] = pr
             "commands": commands}
 
 
-def store_once(store, delta: SparseDelta):
-    """Add a trained delta to `store` unless a version with the same tensors is there (training is seeded,
-    so a re-run gives the same tensors; only its manifest's timings differ). Returns (version, created)."""
-    from .format import TENSORS_FILE, artifact_files
-    from .settings import base_key
-
-    files = artifact_files(delta)
-    sha = hashlib.sha256(files[TENSORS_FILE]).hexdigest()
-    for version in store.list(base=base_key(delta.config.base_model.id), kind=delta.kind, name=delta.name):
-        if version.tensors_sha256 == sha and version.masks_sha256 is None:
-            return version, False
-    return store.add(delta, source={"type": "train", "method": "lt-sft"}, files=files)
-
-
 def _train_and_score(base: Path, store, runs: Path, budget: DemoBudget, echo: Callable[[str], None], bars: bool):
     """Train the three deltas into `store`, then score task/ner alone, with lang/en and with lang/hau (hot-swapped;
     the composition ends with lang/hau)."""
@@ -211,6 +196,8 @@ def _train_and_score(base: Path, store, runs: Path, budget: DemoBudget, echo: Ca
     from .train.lt_sft import SparseFineTuningArguments
     from .train.options import TrainingOptions
     from .train.task import TaskData, evaluate_task, train_task_delta
+
+    trained = {"type": "train", "method": "lt-sft"}
 
     def options(steps: int) -> TrainingOptions:
         return TrainingOptions(batch_size=budget.batch_size, max_length=budget.max_length, max_steps=steps,
@@ -224,7 +211,7 @@ def _train_and_score(base: Path, store, runs: Path, budget: DemoBudget, echo: Ca
             sft=SparseFineTuningArguments(density=budget.language_density, l1_lambda=0.1), options=options(budget.language_steps),
             max_lines=budget.examples,
         )
-        versions[language], created = store_once(store, delta)
+        versions[language], created = store.add(delta, source=trained)
         echo(f"trained {versions[language].ref}{'' if created else ' (already stored)'}: {delta.nnz:,} non-zeros "
              f"({delta.density:.2%}), held-out MLM loss {delta.config.metrics['held_out_mlm_loss']:.3f}, "
              f"{time.perf_counter() - started:.0f} s")
@@ -237,7 +224,7 @@ def _train_and_score(base: Path, store, runs: Path, budget: DemoBudget, echo: Ca
         source_deltas=[source], lineage={"source_languages": ["en"], "source_deltas": [
             {"ref": versions["en"].ref, "tensors_sha256": versions["en"].tensors_sha256}]},
     )
-    versions["ner"], created = store_once(store, task)
+    versions["ner"], created = store.add(task, source=trained)
     echo(f"trained {versions['ner'].ref}{'' if created else ' (already stored)'} with lang/en applied: {task.nnz:,} "
          f"non-zeros ({task.density:.2%}), English dev F1 {task.config.metrics['dev_f1']:.3f}, "
          f"{time.perf_counter() - started:.0f} s")

@@ -135,9 +135,12 @@ def artifact_files(delta: SparseDelta, format_version: int = FORMAT_VERSION) -> 
 
 
 def artifact_identity(manifest: Mapping[str, Any]) -> str:
-    """A digest of what a manifest says, leaving out when it was written (`created_at`): two artifacts
-    with the same tensors and the same identity are the same delta, whenever they were converted."""
+    """A digest of what a manifest says, leaving out when it was written (`created_at`) and how long its
+    training took (`training.wall_seconds`): two artifacts with the same tensors and the same identity are
+    the same delta, whenever they were converted or (seeded) trained again."""
     fields = {key: value for key, value in manifest.items() if key != "created_at"}
+    if isinstance(fields.get("training"), Mapping):
+        fields["training"] = {key: value for key, value in fields["training"].items() if key != "wall_seconds"}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

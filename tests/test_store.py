@@ -80,6 +80,18 @@ def test_same_tensors_with_another_manifest_share_the_tensor_blob(base_model):
     assert len(blob_names(store)) < 6
 
 
+def test_a_seeded_retraining_that_only_took_longer_is_the_same_version(base_model):
+    store = DeltaStore()
+    delta = lang(base_model, 1)
+    delta.config.training = {"method": "lt-sft", "wall_seconds": 52.0}
+    first, _ = store.add(delta)
+    delta.config.training = {"method": "lt-sft", "wall_seconds": 61.5}
+    again, created = store.add(delta)
+    assert not created and again.version == first.version == 1
+    delta.config.training = {"method": "lt-sft", "wall_seconds": 61.5, "steps": 10}
+    assert store.add(delta)[0].version == 2  # any other training field is part of what the delta is
+
+
 def test_aliases_resolve_move_and_go_with_their_version(base_model):
     store = DeltaStore()
     store.add(lang(base_model, 1))
