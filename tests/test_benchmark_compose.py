@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture
-def benchmark(monkeypatch):
+def compose_script(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports benchmarks/table.py
     spec = importlib.util.spec_from_file_location("compose_benchmark", BENCHMARKS / "compose.py")
     module = importlib.util.module_from_spec(spec)
@@ -23,8 +23,8 @@ def benchmark(monkeypatch):
     sys.modules.pop("table", None)
 
 
-def test_the_compose_benchmark_prints_its_table(benchmark, capsys):
-    benchmark.main(["--small", "--repeats", "1", "--skip-baseline", "--device", "cpu"])
+def test_the_compose_benchmark_prints_its_table(compose_script, capsys):
+    compose_script.main(["--small", "--repeats", "1", "--skip-baseline", "--device", "cpu"])
     output = capsys.readouterr().out
     for row in ("bytes per non-zero, language delta", "format v1", "load both deltas", "compose both (cpu)",
                 "revert both (cpu)", "hot swap of the (task, language) pair (cpu)"):
