@@ -11,7 +11,8 @@ What it measures, in one run on an XLM-R-base-shaped token-classification model 
 * file size per non-zero in format version 2 (the default: one-byte index gaps plus escapes) and in
   version 1 (int32 indices);
 * compose (`task.apply(model)`, then `language.apply(model)`: the path that gathers the original
-  values so that revert is exact) and revert (both handles, last applied first);
+  values so that revert is exact) and revert (both handles, last applied first); on the CPU both
+  again with the pure-PyTorch pass, the fallback where the fused C pass is not built;
 * a hot swap on a resident model: `ComposedModel.swap(task=..., language=...)` between two
   (task, language) pairs of the same sizes (revert both, apply both, in canonical order);
 * a plain copy of all base weights into preallocated buffers, as a memory-bandwidth reference;
@@ -67,6 +68,7 @@ from sftstore.delta import ParameterDelta, SparseDelta, index_dtype_for
 from sftstore.demo import NER_LABELS
 from sftstore.format import TENSORS_FILE
 from sftstore.modeling import base_parameters, fingerprint, head_parameters
+from sftstore.sparse_update import fused_kernel_available, pure_pytorch
 from table import render_table  # benchmarks/table.py (the script's folder is on sys.path)
 
 T = TypeVar("T")
@@ -412,6 +414,7 @@ def build_rows(
     files: FileTimes,
     compose: float,
     revert: float,
+    plain: tuple[float, float] | None,
     swap: float,
     copy: float,
     baseline: BaselineTimes | None,
@@ -432,6 +435,8 @@ def build_rows(
         Row("load both deltas (2 threads)", files.load_threaded, None, 0.15),
         Row(f"compose both ({device.type})", compose, base.apply, 0.005 if device.type == "cuda" else 0.14),
         Row(f"revert both ({device.type})", revert, None, 0.10),
+        *([Row("compose both (cpu, pure-PyTorch pass)", plain[0]), Row("revert both (cpu, pure-PyTorch pass)", plain[1])]
+          if plain else []),
         Row(f"hot swap of the (task, language) pair ({device.type})", swap, None, 0.5),
         Row("load + compose both (sum of the two)", files.load + compose, load_compose_baseline),
         Row(f"reference: plain copy of all base weights ({gib:.2f} GiB, {device.type})", copy),
@@ -476,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.repeats} repeats "
         f"(best of), warm page cache\nbase parameters: {total:,} ({gib:.2f} GiB float32); "
-        f"language delta {lang_nnz:,} nnz, task delta {task_nnz:,} nnz + dense head"
+        f"language delta {lang_nnz:,} nnz, task delta {task_nnz:,} nnz + dense head\n"
+        f"CPU compose/revert pass: {'fused C kernel' if fused_kernel_available() else 'pure PyTorch (C kernel not built)'}"
     )
     language, task = build_deltas(model, lang_nnz, task_nnz, args.seed)
     model.to(device)
@@ -486,6 +492,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         collect()
         compose, revert = measure_compose(model, task, language, args.repeats, device)
         collect()
+        plain = None
+        if device.type == "cpu" and fused_kernel_available():
+            with pure_pytorch():
+                plain = measure_compose(model, task, language, args.repeats, device)
+            collect()
         swap = measure_swap(model, task, language, args.repeats, device)
         collect()
         copy = measure_copy(model, args.repeats, device)
@@ -494,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.skip_baseline:
             baseline = measure_baseline(language, task, model, workdir, args.repeats, device)
             collect()
-    rows = build_rows(files, compose, revert, swap, copy, baseline, device, gib)
+    rows = build_rows(files, compose, revert, plain, swap, copy, baseline, device, gib)
     print()
     print(render(rows, args.markdown, args.small))
     print()

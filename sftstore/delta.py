@@ -316,12 +316,16 @@ class SparseDelta:
     def check_fits(self, model: nn.Module) -> None:
         """Raise `BaseModelMismatchError` unless every entry names a parameter of `model` with the same shape
         and every head tensor names a parameter of the task head (never a base parameter or one tied to it)."""
-        self._check_sparse(model)
-        self._head_targets(model)
+        self._fit(model)
 
-    def _check_sparse(self, model: nn.Module) -> None:
-        """Every sparse entry names a base parameter of `model` with the entry's shape."""
+    def _fit(self, model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+        """`check_fits`, returning what it found: the base parameters and each head tensor's target."""
         params = base_parameters(model)
+        self._check_sparse(model, params)
+        return params, self._head_targets(model, params)
+
+    def _check_sparse(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+        """Every sparse entry names a base parameter (`params`, of `model`) with the entry's shape."""
         for name, entry in self.params.items():
             if name not in params:
                 raise BaseModelMismatchError(
@@ -334,14 +338,17 @@ class SparseDelta:
                     f"but {list(params[name].shape)} in the base model"
                 )
 
-    def _head_targets(self, model: nn.Module) -> dict[str, str]:
+    def _head_targets(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, str]:
         """Each head tensor's name to the canonical name of the head parameter it sets, checked.
 
         Tied parameters answer to several names; a name is refused when its parameter shares memory with
-        a base parameter (it would change the base outside the sparse part, and revert would not be exact).
+        a base parameter (`params`: it would change the base outside the sparse part, and revert would not
+        be exact).
         """
+        if not self.head:
+            return {}
         aliases = _parameter_aliases(model)
-        base_spans = {name: _memory_span(p) for name, p in base_parameters(model).items()}
+        base_spans = {name: _memory_span(p) for name, p in params.items()}
         targets: dict[str, str] = {}
         for name, tensor in self.head.items():
             if name not in aliases:
@@ -378,9 +385,7 @@ class SparseDelta:
         weights are updated in float32 and rounded once. Deltas that overlap must be reverted in
         the reverse order of applying (revert refuses otherwise; the composer does this for you).
         """
-        self._check_sparse(model)
-        head_targets = self._head_targets(model)
-        params = base_parameters(model)
+        params, head_targets = self._fit(model)
         jobs = []
         for name, entry in self.params.items():
             flat = params[name].data.view(-1)
@@ -436,8 +441,11 @@ class SparseDelta:
 
 def _parameter_aliases(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
     """Every name of every parameter (a tied one under each of its names) to its canonical name and the parameter."""
-    canonical = {id(p): name for name, p in model.named_parameters()}
-    return {name: (canonical[id(p)], p) for name, p in model.named_parameters(remove_duplicate=False)}
+    canonical: dict[int, str] = {}  # the first name of each parameter, as `named_parameters()` gives it
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases[name] = (canonical.setdefault(id(p), name), p)
+    return aliases
 
 
 def _memory_span(tensor: torch.Tensor) -> tuple[torch.device, int, int]:

@@ -1,10 +1,13 @@
 """Adding sparse values into weights in place, keeping the originals for an exact restore.
 
-On the CPU the work goes in chunks of `CHUNK` entries: each chunk gathers the original values, then adds
-into the same places while their cache lines are still hot (one trip to memory instead of two), and
-chunks are spread over `torch.get_num_threads()` Python threads. A chunk is below torch's intra-op grain
-size, so each runs on its own thread and the workers never contend with torch's thread pool. On other
-devices each parameter is one gather and one scatter-add (the device parallelises them itself).
+On the CPU the work goes in chunks spread over `torch.get_num_threads()` Python threads. Float32 weights
+with int32 indices (every parameter below 2**31 elements) take the fused C pass `_sparse_kernel`, built
+at install time where a C compiler is available: one sweep per chunk gathers each original and adds,
+prefetching the cache lines ahead, without the GIL. Otherwise (no compiler, half-precision weights,
+int64 indices) the pure-PyTorch pass works in chunks of `CHUNK` entries: each chunk gathers the
+originals, then adds while their cache lines are still hot; a chunk is below torch's intra-op grain
+size, so the workers never contend with torch's thread pool. On other devices each parameter is one
+gather and one scatter-add (the device parallelises them itself).
 
 Adding is `flat.index_add_(indices, values)`: with unique indices each weight becomes `weight + value`,
 rounded once, exactly as `before + value`. Half-precision weights add in float32 and round once.
@@ -13,14 +16,38 @@ Restoring writes the originals back (`index_put_`), whatever the weights hold by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+try:
+    from . import _sparse_kernel
+except ImportError:  # installed without a C compiler: the pure-PyTorch pass does the same, slower
+    _sparse_kernel = None
+
 CHUNK = 16_384
+KERNEL_CHUNK = 1 << 18  # entries per call of the fused pass: enough calls to balance the threads, few enough to be free
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_kernel_enabled = _sparse_kernel is not None
+
+
+def fused_kernel_available() -> bool:
+    """Whether the fused C pass was built and is in use (see `pure_pytorch`)."""
+    return _kernel_enabled
+
+
+@contextlib.contextmanager
+def pure_pytorch() -> Iterator[None]:
+    """Use the pure-PyTorch pass inside the block, even where the fused one is built (benchmarks, tests)."""
+    global _kernel_enabled
+    saved, _kernel_enabled = _kernel_enabled, False
+    try:
+        yield
+    finally:
+        _kernel_enabled = saved
 
 
 @dataclass(frozen=True)
@@ -42,11 +69,22 @@ class Touched:
     before: torch.Tensor
 
 
+def _fused(flat: torch.Tensor, indices: torch.Tensor) -> bool:
+    """Whether the fused C pass handles these weights and indices."""
+    return _kernel_enabled and flat.device.type == "cpu" and flat.dtype == torch.float32 and indices.dtype == torch.int32
+
+
+def _chunk_size(job: Job) -> int:
+    if job.flat.device.type != "cpu":
+        return max(job.indices.numel(), 1)
+    return KERNEL_CHUNK if _fused(job.flat, job.indices) else CHUNK
+
+
 def _split(jobs: Sequence[Job]) -> list[Job]:
-    """CPU jobs cut into chunks of at most `CHUNK` entries."""
+    """CPU jobs cut into chunks (`KERNEL_CHUNK` entries for the fused pass, `CHUNK` for PyTorch's)."""
     pieces = []
     for job in jobs:
-        step = CHUNK if job.flat.device.type == "cpu" else max(job.indices.numel(), 1)
+        step = _chunk_size(job)
         pieces += [Job(job.name, job.flat, job.indices[start : start + step], job.values[start : start + step])
                    for start in range(0, job.indices.numel(), step)]
     return pieces
@@ -54,6 +92,13 @@ def _split(jobs: Sequence[Job]) -> list[Job]:
 
 def _add(job: Job, scale: float) -> Touched:
     flat, indices = job.flat, job.indices
+    if _fused(flat, indices):
+        values = job.values.to(torch.float32)
+        values = (values if scale == 1.0 else values * scale).contiguous()
+        indices = indices.contiguous()
+        before = torch.empty_like(values)
+        _sparse_kernel.add_keeping_originals(flat.numpy(), indices.numpy(), values.numpy(), before.numpy())
+        return Touched(job.name, indices, before)
     if flat.device.type != "cpu":
         indices = indices.long()  # once, for every op below
     before = flat.index_select(0, indices)
@@ -67,16 +112,31 @@ def _add(job: Job, scale: float) -> Touched:
 
 
 def _restore(flat: torch.Tensor, touched: Touched) -> None:
+    if _fused(flat, touched.indices) and touched.before.dtype == torch.float32:
+        _sparse_kernel.write_back(flat.numpy(), touched.indices.numpy(), touched.before.numpy())
+        return
     flat.index_put_((touched.indices,), touched.before)  # takes int32 indices as they are (index_copy_ does not)
 
 
-def _run(function, items: Sequence, cpu: bool) -> list:
-    """`function` over `items` in order, on worker threads when on the CPU and torch has more than one."""
+def _balanced(sizes: Sequence[int], parts: int) -> list[slice]:
+    """At most `parts` contiguous slices of `sizes` with near-equal totals (each cut where the running total
+    first reaches its share)."""
+    total, cuts, running = sum(sizes), [0], 0
+    for position, size in enumerate(sizes):
+        running += size
+        if len(cuts) < parts and running * parts >= total * len(cuts) and position + 1 < len(sizes):
+            cuts.append(position + 1)
+    cuts.append(len(sizes))
+    return [slice(start, stop) for start, stop in zip(cuts, cuts[1:]) if stop > start]
+
+
+def _run(function, items: Sequence, sizes: Sequence[int], cpu: bool) -> list:
+    """`function` over `items` in order; on the CPU, on worker threads (as many as torch has) that each take a
+    contiguous run of items of about the same total size."""
     workers = min(torch.get_num_threads(), len(items)) if cpu else 1
     if workers <= 1:
         return [function(item) for item in items]
-    size = -(-len(items) // workers)
-    parts = [items[i : i + size] for i in range(0, len(items), size)]
+    parts = [items[part] for part in _balanced(sizes, workers)]
     with ThreadPoolExecutor(max_workers=len(parts)) as pool:
         results = list(pool.map(lambda part: [function(item) for item in part], parts))
     return [result for part in results for result in part]
@@ -85,10 +145,11 @@ def _run(function, items: Sequence, cpu: bool) -> list:
 def add_in_place(jobs: Sequence[Job], scale: float = 1.0) -> list[Touched]:
     """Add every job's values (times `scale`) into its weights; what was overwritten, to `restore`."""
     pieces = _split(jobs)
-    return _run(lambda job: _add(job, scale), pieces, all(job.flat.device.type == "cpu" for job in pieces))
+    cpu = all(job.flat.device.type == "cpu" for job in pieces)
+    return _run(lambda job: _add(job, scale), pieces, [job.indices.numel() for job in pieces], cpu)
 
 
 def restore(touched: Sequence[Touched], flats: dict[str, torch.Tensor]) -> None:
     """Write the original values back (`flats`: each parameter's flat weights by name)."""
     cpu = all(flat.device.type == "cpu" for flat in flats.values())
-    _run(lambda item: _restore(flats[item.name], item), touched, cpu)
+    _run(lambda item: _restore(flats[item.name], item), touched, [item.indices.numel() for item in touched], cpu)

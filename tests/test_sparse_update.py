@@ -1,0 +1,121 @@
+"""The fused C pass of compose and revert (`sftstore/_sparse_kernel.c`) against the pure-PyTorch one: same bits."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+
+from sftstore import sparse_update
+from sftstore.sparse_update import Job, add_in_place, pure_pytorch, restore
+
+needs_kernel = pytest.mark.skipif(sparse_update._sparse_kernel is None, reason="the C pass is not built here")
+
+
+def weights_and_jobs(seed: int, values_dtype=torch.float32, weights_dtype=torch.float32):
+    """Three flat parameters (one of them larger than several chunks) and a sparse job on each."""
+    generator = torch.Generator().manual_seed(seed)
+    flats, jobs = {}, []
+    for name, numel, density in (("big", 300_000, 0.2), ("small", 1_000, 0.5), ("empty", 50, 0.0)):
+        flat = torch.randn(numel, generator=generator).to(weights_dtype)
+        indices = (torch.rand(numel, generator=generator) < density).nonzero().squeeze(1).to(torch.int32)
+        values = (torch.randn(indices.numel(), generator=generator) * 1e-3).to(values_dtype)
+        flats[name] = flat
+        jobs.append(Job(name, flat, indices, values))
+    return flats, jobs
+
+
+def test_the_kernel_is_built_wherever_a_c_compiler_is():
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) here: the pure-PyTorch pass is the one in use")
+    assert sparse_update.fused_kernel_available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale", [1.0, 0.5, -1.25])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_pass_adds_exactly_what_pytorch_adds(monkeypatch, scale, values_dtype):
+    monkeypatch.setattr(sparse_update, "KERNEL_CHUNK", 4_096)  # many chunks, over both threads
+    fused_flats, fused_jobs = weights_and_jobs(7, values_dtype)
+    plain_flats, plain_jobs = weights_and_jobs(7, values_dtype)
+    originals = {name: flat.clone() for name, flat in fused_flats.items()}
+
+    fused = add_in_place(fused_jobs, scale)
+    with pure_pytorch():
+        plain = add_in_place(plain_jobs, scale)
+
+    for name in fused_flats:
+        assert torch.equal(fused_flats[name], plain_flats[name]), name
+    assert len(fused) > 10
+    for touched in fused:
+        assert torch.equal(touched.before, originals[touched.name][touched.indices.long()])
+    assert torch.equal(torch.cat([t.before for t in fused]), torch.cat([t.before for t in plain]))
+    restore(fused, fused_flats)
+    for name, flat in fused_flats.items():
+        assert torch.equal(flat, originals[name]), name
+
+
+@needs_kernel
+def test_either_pass_reverts_what_the_other_added():
+    flats, jobs = weights_and_jobs(8)
+    originals = {name: flat.clone() for name, flat in flats.items()}
+    touched = add_in_place(jobs)
+    with pure_pytorch():
+        restore(touched, flats)
+    assert all(torch.equal(flats[name], originals[name]) for name in flats)
+
+    with pure_pytorch():
+        touched = add_in_place(jobs)
+    restore(touched, flats)
+    assert all(torch.equal(flats[name], originals[name]) for name in flats)
+
+
+def test_half_precision_weights_and_int64_indices_take_the_pytorch_pass():
+    for dtype in (torch.bfloat16, torch.float16):
+        assert not sparse_update._fused(torch.zeros(4, dtype=dtype), torch.zeros(1, dtype=torch.int32))
+    assert not sparse_update._fused(torch.zeros(4), torch.zeros(1, dtype=torch.int64))
+    with pure_pytorch():
+        assert not sparse_update.fused_kernel_available()
+        assert not sparse_update._fused(torch.zeros(4), torch.zeros(1, dtype=torch.int32))
+
+    flats, jobs = weights_and_jobs(9, weights_dtype=torch.bfloat16)
+    originals = {name: flat.clone() for name, flat in flats.items()}
+    touched = add_in_place(jobs)
+    big = jobs[0]
+    expected = (originals["big"][big.indices.long()].float() + big.values).to(torch.bfloat16)
+    assert torch.equal(flats["big"][big.indices.long()], expected)
+    restore(touched, flats)
+    assert all(torch.equal(flats[name], originals[name]) for name in flats)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad_index", [-1, 10])
+def test_an_index_outside_the_weights_is_refused_before_anything_is_written(bad_index):
+    weights = np.arange(10, dtype=np.float32)
+    indices = np.array([0, 3, bad_index], dtype=np.int32)
+    values, before = np.ones(3, dtype=np.float32), np.zeros(3, dtype=np.float32)
+    with pytest.raises(IndexError, match=rf"index {bad_index} at position 2 is outside the 10 weights"):
+        sparse_update._sparse_kernel.add_keeping_originals(weights, indices, values, before)
+    with pytest.raises(IndexError, match="outside the 10 weights"):
+        sparse_update._sparse_kernel.write_back(weights, indices, values)
+    assert np.array_equal(weights, np.arange(10, dtype=np.float32)) and not before.any()
+
+
+@needs_kernel
+def test_the_kernel_checks_its_buffers():
+    kernel = sparse_update._sparse_kernel
+    weights, indices = np.zeros(10, dtype=np.float32), np.array([1, 2], dtype=np.int32)
+    two, three = np.ones(2, dtype=np.float32), np.ones(3, dtype=np.float32)
+    with pytest.raises(TypeError, match="weights: expected a buffer of format 'f'"):
+        kernel.add_keeping_originals(np.zeros(10), indices, two, two.copy())
+    with pytest.raises(TypeError, match="indices: expected a buffer of format 'i'"):
+        kernel.write_back(weights, indices.astype(np.int64), two)
+    with pytest.raises(ValueError, match="values has 3 entries; expected 2"):
+        kernel.add_keeping_originals(weights, indices, three, two.copy())
+    with pytest.raises(BufferError):
+        kernel.add_keeping_originals(weights, indices, two, bytes(8))  # `before` must be writable
+    assert not weights.any()
