@@ -45,7 +45,10 @@ class GapCode:
 def encode(indices: torch.Tensor, numel: int) -> GapCode:
     """Code sorted, unique flat indices of a parameter of `numel` elements (on the CPU)."""
     flat = indices.detach().cpu().numpy()  # numpy: single-threaded, and faster than torch on these int ops
-    gaps = np.diff(flat, prepend=flat.dtype.type(-1))  # in the indices' dtype: no gap exceeds numel
+    gaps = np.empty_like(flat)  # in the indices' dtype: no gap exceeds numel
+    if flat.size:
+        gaps[0] = flat[0] + 1
+        np.subtract(flat[1:], flat[:-1], out=gaps[1:])  # np.diff(prepend=...) copies the input first: 3x slower
     positions = np.flatnonzero(gaps > MAX_INLINE_GAP)
     inline = gaps.astype(np.uint8)
     inline[positions] = 0
