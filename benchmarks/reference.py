@@ -27,6 +27,8 @@ composable-sft", for why each is needed):
 * dropout: `--dropout` (default 0: the two trainers draw dropout masks from different RNG states in
   phase 2, see the README);
 * optimizer: `optim="adamw_torch"` on both sides (transformers 5 defaults to the fused kernel);
+* attention: eager on both sides (`--attention`; transformers 5's BERT defaults to SDPA, which rounds
+  differently, and 4.37's BERT has only the eager kernel);
 * L1 (language delta, lambda 0.1 as in the paper): the reference with `apply_reg_to_sparse_only=True`,
   i.e. the penalty on the maskable entries only, as ours (its default also pulls the MLM head; the
   head is not part of a language delta).
@@ -191,9 +193,10 @@ def run_ours(kind: str, method: str, model_dir: Path, data: Path, k: int, opts, 
     rows = [{key: tensors[key][i] for key in tensors} for i in range(len(tensors["input_ids"]))]
 
     def make_model():
-        if kind == "language":
-            return prepare_mlm_model(model_dir)
-        return BertForTokenClassification.from_pretrained(model_dir).train()
+        model = (prepare_mlm_model(model_dir) if kind == "language"
+                 else BertForTokenClassification.from_pretrained(model_dir).train())
+        model.set_attn_implementation(opts.attention)
+        return model
 
     sft = SparseFineTuningArguments(method=method, num_params=k, l1_lambda=opts.l1 if kind == "language" else 0.0,
                                     phase1_overrides={"max_steps": opts.phase1_steps}, seed=opts.seed)
@@ -294,6 +297,8 @@ def main() -> None:
     parser.add_argument("--detach-reference-theta0", action="store_true",
                         help="detach the reference's stored starting weights, without which its L1 term has no gradient "
                              "(README, 'Equivalence with composable-sft')")
+    parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
+                        help="our side's BERT attention kernel (the reference's transformers 4.37 has eager only)")
     parser.add_argument("--density", type=float, default=0.05, help="K as a fraction of the maskable entries")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--hidden", type=int, default=64)
@@ -358,7 +363,7 @@ def print_table(rows: list[dict], opts) -> None:
              "given" if r["jaccard"] is None else f"{r['jaccard']:.4f}", f"{r['max_abs']:.2e}", f1(r, 0), f1(r, 1)]
             for r in rows]
     print(f"phase 1 {opts.phase1_steps} steps, phase 2 {opts.phase2_steps} steps, batch {opts.batch_size}, "
-          f"lr {opts.learning_rate}, density {opts.density}, L1 {opts.l1} (language"
+          f"lr {opts.learning_rate}, density {opts.density}, attention {opts.attention}, L1 {opts.l1} (language"
           f"{', reference theta0 detached' if opts.detach_reference_theta0 else ''}), dropout {opts.dropout}, "
           f"seed {opts.seed}; F1: task delta on CoNLL-2003 en dev, language + task deltas on MasakhaNER hau test")
     if opts.markdown:
