@@ -68,7 +68,7 @@ from sftstore.delta import ParameterDelta, SparseDelta, index_dtype_for
 from sftstore.demo import NER_LABELS
 from sftstore.format import TENSORS_FILE
 from sftstore.modeling import base_parameters, fingerprint, head_parameters
-from sftstore.sparse_update import fused_kernel_available, pure_pytorch
+from sftstore import native
 from table import render_table  # benchmarks/table.py (the script's folder is on sys.path)
 
 T = TypeVar("T")
@@ -482,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.repeats} repeats "
         f"(best of), warm page cache\nbase parameters: {total:,} ({gib:.2f} GiB float32); "
         f"language delta {lang_nnz:,} nnz, task delta {task_nnz:,} nnz + dense head\n"
-        f"CPU compose/revert pass: {'fused C kernel' if fused_kernel_available() else 'pure PyTorch (C kernel not built)'}"
+        f"CPU compose/revert pass: {'fused C kernel' if native.available() else 'pure PyTorch (C kernel not built)'}"
     )
     language, task = build_deltas(model, lang_nnz, task_nnz, args.seed)
     model.to(device)
@@ -493,8 +493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         compose, revert = measure_compose(model, task, language, args.repeats, device)
         collect()
         plain = None
-        if device.type == "cpu" and fused_kernel_available():
-            with pure_pytorch():
+        if device.type == "cpu" and native.available():
+            with native.disabled():
                 plain = measure_compose(model, task, language, args.repeats, device)
             collect()
         swap = measure_swap(model, task, language, args.repeats, device)

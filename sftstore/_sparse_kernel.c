@@ -1,5 +1,7 @@
-/* The fused CPU pass of `sftstore.sparse_update`: gather the originals and add the values into float32
- * weights at sorted int32 flat indices, in one sweep; and write the originals back for an exact revert.
+/* Fused CPU passes over sparse deltas. For `sftstore.sparse_update`: gather the originals and add the
+ * values into float32 weights at sorted int32 flat indices, in one sweep; and write the originals back for
+ * an exact revert. For `sftstore.gaps`: decode format version 2's one-byte gaps and escapes into int32
+ * indices in one pass (numpy needs a widening copy and a cumulative sum).
  *
  * Each function takes buffers (numpy arrays or anything with the buffer protocol), checks their item
  * formats and lengths and that every index lies inside the weights *before* writing anything, then runs
@@ -171,6 +173,63 @@ write_back(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* out[i] = (sum of the first i + 1 gaps) - 1, a zero gap standing for the next escape value. Returns 0, or
+ * -1 when the escapes run out or an index reaches `limit` (after writing part of `out`). */
+static int
+decode(const uint8_t *gaps, Py_ssize_t count, const int32_t *escapes, Py_ssize_t n_escapes, int32_t *out,
+       int64_t limit)
+{
+    int64_t index = -1;
+    Py_ssize_t next_escape = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t gap = gaps[i];
+        if (gap == 0) {
+            if (next_escape == n_escapes)
+                return -1;
+            gap = escapes[next_escape++];
+        }
+        index += gap;
+        if (index >= limit || gap <= 0)
+            return -1;
+        out[i] = (int32_t)index;
+    }
+    return 0;
+}
+
+static PyObject *
+decode_gaps(PyObject *module, PyObject *args)
+{
+    PyObject *objects[3];
+    Py_buffer views[3];
+    static const int writable[3] = {0, 0, 1};
+    long long numel;
+    if (!PyArg_ParseTuple(args, "OOOL:decode_gaps", &objects[0], &objects[1], &objects[2], &numel))
+        return NULL;
+    if (!get_buffers(objects, views, writable, 3))
+        return NULL;
+    int ok = has_format(&views[0], 'B', 1, "gaps") && has_format(&views[1], 'i', 4, "escape_values")
+             && has_format(&views[2], 'i', 4, "out") && check_lengths(views[0].len, &views[2], "out");
+    if (ok && (numel < 0 || numel > INT32_MAX + 1LL)) {
+        PyErr_Format(PyExc_ValueError, "numel %lld does not fit int32 indices", numel);
+        ok = 0;
+    }
+    int status = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        status = decode((const uint8_t *)views[0].buf, views[0].len, (const int32_t *)views[1].buf, views[1].len / 4,
+                        (int32_t *)views[2].buf, numel);
+        Py_END_ALLOW_THREADS
+        if (status) {
+            PyErr_SetString(PyExc_ValueError, "the gaps do not decode to increasing indices within the parameter");
+            ok = 0;
+        }
+    }
+    release_buffers(views, 3);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"add_keeping_originals", add_keeping_originals, METH_VARARGS,
      "add_keeping_originals(weights, indices, values, before): before[i] = weights[indices[i]]; "
@@ -179,11 +238,14 @@ static PyMethodDef methods[] = {
     {"write_back", write_back, METH_VARARGS,
      "write_back(weights, indices, before): weights[indices[i]] = before[i] (nothing written if an index is "
      "out of range)."},
+    {"decode_gaps", decode_gaps, METH_VARARGS,
+     "decode_gaps(gaps, escape_values, out, numel): format version 2's uint8 gaps and int32 escapes into int32 "
+     "indices in `out`; ValueError unless they decode to increasing indices in [0, numel)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_definition = {
-    PyModuleDef_HEAD_INIT, "_sparse_kernel", "Fused gather-add-scatter for sparse deltas on the CPU.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_sparse_kernel", "Fused CPU passes over sparse deltas: compose, revert, gap decoding.", -1, methods,
 };
 
 PyMODINIT_FUNC

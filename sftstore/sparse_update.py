@@ -2,7 +2,7 @@
 
 On the CPU the work goes in chunks spread over `torch.get_num_threads()` Python threads. Float32 weights
 with int32 indices (every parameter below 2**31 elements) take the fused C pass `_sparse_kernel`, built
-at install time where a C compiler is available: one sweep per chunk gathers each original and adds,
+at install time where a C compiler is available (`native`): one sweep per chunk gathers each original and adds,
 prefetching the cache lines ahead, without the GIL. Otherwise (no compiler, half-precision weights,
 int64 indices) the pure-PyTorch pass works in chunks of `CHUNK` entries: each chunk gathers the
 originals, then adds while their cache lines are still hot; a chunk is below torch's intra-op grain
@@ -16,38 +16,17 @@ Restoring writes the originals back (`index_put_`), whatever the weights hold by
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-try:
-    from . import _sparse_kernel
-except ImportError:  # installed without a C compiler: the pure-PyTorch pass does the same, slower
-    _sparse_kernel = None
+from . import native
 
 CHUNK = 16_384
 KERNEL_CHUNK = 1 << 18  # entries per call of the fused pass: enough calls to balance the threads, few enough to be free
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_kernel_enabled = _sparse_kernel is not None
-
-
-def fused_kernel_available() -> bool:
-    """Whether the fused C pass was built and is in use (see `pure_pytorch`)."""
-    return _kernel_enabled
-
-
-@contextlib.contextmanager
-def pure_pytorch() -> Iterator[None]:
-    """Use the pure-PyTorch pass inside the block, even where the fused one is built (benchmarks, tests)."""
-    global _kernel_enabled
-    saved, _kernel_enabled = _kernel_enabled, False
-    try:
-        yield
-    finally:
-        _kernel_enabled = saved
 
 
 @dataclass(frozen=True)
@@ -71,7 +50,8 @@ class Touched:
 
 def _fused(flat: torch.Tensor, indices: torch.Tensor) -> bool:
     """Whether the fused C pass handles these weights and indices."""
-    return _kernel_enabled and flat.device.type == "cpu" and flat.dtype == torch.float32 and indices.dtype == torch.int32
+    return (native.available() and flat.device.type == "cpu" and flat.dtype == torch.float32
+            and indices.dtype == torch.int32)
 
 
 def _chunk_size(job: Job) -> int:
@@ -97,7 +77,7 @@ def _add(job: Job, scale: float) -> Touched:
         values = (values if scale == 1.0 else values * scale).contiguous()
         indices = indices.contiguous()
         before = torch.empty_like(values)
-        _sparse_kernel.add_keeping_originals(flat.numpy(), indices.numpy(), values.numpy(), before.numpy())
+        native.kernel().add_keeping_originals(flat.numpy(), indices.numpy(), values.numpy(), before.numpy())
         return Touched(job.name, indices, before)
     if flat.device.type != "cpu":
         indices = indices.long()  # once, for every op below
@@ -113,7 +93,7 @@ def _add(job: Job, scale: float) -> Touched:
 
 def _restore(flat: torch.Tensor, touched: Touched) -> None:
     if _fused(flat, touched.indices) and touched.before.dtype == torch.float32:
-        _sparse_kernel.write_back(flat.numpy(), touched.indices.numpy(), touched.before.numpy())
+        native.kernel().write_back(flat.numpy(), touched.indices.numpy(), touched.before.numpy())
         return
     flat.index_put_((touched.indices,), touched.before)  # takes int32 indices as they are (index_copy_ does not)
 

@@ -18,7 +18,7 @@ import sftstore
 PACKAGE = Path(sftstore.__file__).parent
 ARTIFACT = {"__init__", "errors", "_io", "naming", "settings", "base_ids", "bounded_json", "languages", "network", "redaction",
             "modeling", "config", "subnetworks", "card", "delta", "format", "interop", "composition", "summary",
-            "gaps", "sparse_update"}
+            "gaps", "sparse_update", "native"}
 ALLOWED = {
     **{module: ARTIFACT for module in ARTIFACT},
     "store": ARTIFACT,

@@ -1,4 +1,4 @@
-"""The fused C pass of compose and revert (`sftstore/_sparse_kernel.c`) against the pure-PyTorch one: same bits."""
+"""The C extension (`sftstore/_sparse_kernel.c`) against the pure numpy/PyTorch passes it replaces: same bits."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from sftstore import sparse_update
-from sftstore.sparse_update import Job, add_in_place, pure_pytorch, restore
+from sftstore import gaps, native, sparse_update
+from sftstore.native import disabled
+from sftstore.sparse_update import Job, add_in_place, restore
 
-needs_kernel = pytest.mark.skipif(sparse_update._sparse_kernel is None, reason="the C pass is not built here")
+needs_kernel = pytest.mark.skipif(not native.available(), reason="the C extension is not built here")
 
 
 def weights_and_jobs(seed: int, values_dtype=torch.float32, weights_dtype=torch.float32):
@@ -32,7 +33,7 @@ def test_the_kernel_is_built_wherever_a_c_compiler_is():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) here: the pure-PyTorch pass is the one in use")
-    assert sparse_update.fused_kernel_available()
+    assert native.available()
 
 
 @needs_kernel
@@ -45,7 +46,7 @@ def test_the_fused_pass_adds_exactly_what_pytorch_adds(monkeypatch, scale, value
     originals = {name: flat.clone() for name, flat in fused_flats.items()}
 
     fused = add_in_place(fused_jobs, scale)
-    with pure_pytorch():
+    with disabled():
         plain = add_in_place(plain_jobs, scale)
 
     for name in fused_flats:
@@ -64,11 +65,11 @@ def test_either_pass_reverts_what_the_other_added():
     flats, jobs = weights_and_jobs(8)
     originals = {name: flat.clone() for name, flat in flats.items()}
     touched = add_in_place(jobs)
-    with pure_pytorch():
+    with disabled():
         restore(touched, flats)
     assert all(torch.equal(flats[name], originals[name]) for name in flats)
 
-    with pure_pytorch():
+    with disabled():
         touched = add_in_place(jobs)
     restore(touched, flats)
     assert all(torch.equal(flats[name], originals[name]) for name in flats)
@@ -78,8 +79,8 @@ def test_half_precision_weights_and_int64_indices_take_the_pytorch_pass():
     for dtype in (torch.bfloat16, torch.float16):
         assert not sparse_update._fused(torch.zeros(4, dtype=dtype), torch.zeros(1, dtype=torch.int32))
     assert not sparse_update._fused(torch.zeros(4), torch.zeros(1, dtype=torch.int64))
-    with pure_pytorch():
-        assert not sparse_update.fused_kernel_available()
+    with disabled():
+        assert not native.available()
         assert not sparse_update._fused(torch.zeros(4), torch.zeros(1, dtype=torch.int32))
 
     flats, jobs = weights_and_jobs(9, weights_dtype=torch.bfloat16)
@@ -99,15 +100,15 @@ def test_an_index_outside_the_weights_is_refused_before_anything_is_written(bad_
     indices = np.array([0, 3, bad_index], dtype=np.int32)
     values, before = np.ones(3, dtype=np.float32), np.zeros(3, dtype=np.float32)
     with pytest.raises(IndexError, match=rf"index {bad_index} at position 2 is outside the 10 weights"):
-        sparse_update._sparse_kernel.add_keeping_originals(weights, indices, values, before)
+        native.kernel().add_keeping_originals(weights, indices, values, before)
     with pytest.raises(IndexError, match="outside the 10 weights"):
-        sparse_update._sparse_kernel.write_back(weights, indices, values)
+        native.kernel().write_back(weights, indices, values)
     assert np.array_equal(weights, np.arange(10, dtype=np.float32)) and not before.any()
 
 
 @needs_kernel
 def test_the_kernel_checks_its_buffers():
-    kernel = sparse_update._sparse_kernel
+    kernel = native.kernel()
     weights, indices = np.zeros(10, dtype=np.float32), np.array([1, 2], dtype=np.int32)
     two, three = np.ones(2, dtype=np.float32), np.ones(3, dtype=np.float32)
     with pytest.raises(TypeError, match="weights: expected a buffer of format 'f'"):
@@ -119,3 +120,36 @@ def test_the_kernel_checks_its_buffers():
     with pytest.raises(BufferError):
         kernel.add_keeping_originals(weights, indices, two, bytes(8))  # `before` must be writable
     assert not weights.any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("numel, density", [(1_000, 0.5), (200_000, 0.001), (300_000, 0.3), (10, 0.0)])
+def test_gap_decoding_gives_the_same_indices_as_numpy(numel, density):
+    generator = torch.Generator().manual_seed(numel)
+    indices = (torch.rand(numel, generator=generator) < density).nonzero().squeeze(1).to(torch.int32)
+    code = gaps.encode(indices, numel)
+    assert density != 0.001 or code.escape_positions.numel() > 10  # sparse enough to need escapes
+    gaps.check(code, numel, "w", "test")
+    decoded = gaps.decode(code, numel)
+    with disabled():
+        assert torch.equal(gaps.decode(code, numel), indices)
+    assert decoded.dtype == torch.int32 and torch.equal(decoded, indices)
+
+
+@needs_kernel
+def test_gap_decoding_refuses_codes_that_leave_the_parameter():
+    kernel = native.kernel()
+    out = np.empty(3, dtype=np.int32)
+    no_escapes = np.empty(0, dtype=np.int32)
+    kernel.decode_gaps(np.array([1, 2, 3], dtype=np.uint8), no_escapes, out, 6)
+    assert out.tolist() == [0, 2, 5]
+    with pytest.raises(ValueError, match="within the parameter"):
+        kernel.decode_gaps(np.array([1, 2, 3], dtype=np.uint8), no_escapes, out, 5)  # index 5 of 5
+    with pytest.raises(ValueError, match="within the parameter"):
+        kernel.decode_gaps(np.array([1, 0, 3], dtype=np.uint8), no_escapes, out, 1000)  # a zero with no escape
+    with pytest.raises(ValueError, match="within the parameter"):
+        kernel.decode_gaps(np.array([1, 0, 3], dtype=np.uint8), np.array([-7], dtype=np.int32), out, 1000)
+    with pytest.raises(ValueError, match="out has 2 entries; expected 3"):
+        kernel.decode_gaps(np.array([1, 2, 3], dtype=np.uint8), no_escapes, out[:2], 6)
+    with pytest.raises(ValueError, match="does not fit int32"):
+        kernel.decode_gaps(np.array([1], dtype=np.uint8), no_escapes, out[:1], 2**40)
