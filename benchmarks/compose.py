@@ -62,13 +62,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForTokenClassification, XLMRobertaConfig
 
+from sftstore import native
 from sftstore.compose import ComposedModel
 from sftstore.config import BaseModelInfo, DeltaConfig
 from sftstore.delta import ParameterDelta, SparseDelta, index_dtype_for
 from sftstore.demo import NER_LABELS
 from sftstore.format import TENSORS_FILE
 from sftstore.modeling import base_parameters, fingerprint, head_parameters
-from sftstore import native
 from table import render_table  # benchmarks/table.py (the script's folder is on sys.path)
 
 T = TypeVar("T")
