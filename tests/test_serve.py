@@ -31,7 +31,7 @@ from sftstore.modeling import base_parameters, head_parameters, load_model, load
 from sftstore.predict import predict  # noqa: E402
 from sftstore.serve.cache import DeltaCache  # noqa: E402
 from sftstore.serve.runner import ServeOptions, build_app, listen  # noqa: E402
-from sftstore.serve.scheduler import Scheduler  # noqa: E402
+from sftstore.serve.scheduler import QueueFull, Scheduler  # noqa: E402
 from sftstore.settings import base_key  # noqa: E402
 from sftstore.store import DeltaStore  # noqa: E402
 
@@ -311,6 +311,56 @@ def test_the_worker_serves_the_resident_pair_first_but_never_starves_another():
     big = scheduler.submit(pair["other"], ["x"] * 7)  # more than max_batch: taken alone, run in chunks
     assert [job.texts for job in scheduler._take("other")] == [["o1"]]
     assert [len(job.texts) for job in scheduler._take("other")] == [7] and not big.done()
+
+
+def test_the_queue_is_bounded_and_a_request_over_the_bound_is_refused():
+    pair = SimpleNamespace(key="pair")
+    scheduler = Scheduler(SimpleNamespace(resident=None), None, max_batch=8, max_wait=1, max_queued=3)
+    scheduler.submit(pair, ["a", "b"])
+    with pytest.raises(QueueFull, match="2 inputs are waiting \\(at most 3\\)"):
+        scheduler.submit(pair, ["c", "d"])
+    scheduler.submit(pair, ["c"])
+    assert scheduler.queued_inputs() == 3
+    scheduler._take("pair")
+    assert scheduler.queued_inputs() == 0
+    scheduler.submit(pair, ["x"] * 5)  # alone in an empty queue: taken even over the bound
+    assert scheduler.queued_inputs() == 5
+
+
+def test_an_overloaded_server_answers_503_with_retry_after(world, monkeypatch):
+    running = Server(build_app(options(world, max_queued_inputs=2), world.store))
+    engine = running.app.state.engine
+    entered, release = threading.Event(), threading.Event()
+    original = engine.predict
+
+    def slow_predict(texts):
+        entered.set()
+        release.wait(30)
+        return original(texts)
+
+    monkeypatch.setattr(engine, "predict", slow_predict)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(running.call, "POST", "/v1/predict", request("ner", "hau", ["da kano"]))
+            assert entered.wait(30)  # the worker holds the first request
+            queued = pool.submit(running.call, "POST", "/v1/predict", request("ner", "hau", ["da", "kano"]))
+            deadline = time.monotonic() + 30
+            while running.app.state.scheduler.queued_inputs() < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=60)
+            connection.request("POST", "/v1/predict", body=json.dumps(request("ner", "hau", ["da"])),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            body = json.loads(response.read())
+            connection.close()
+            assert response.status == 503 and response.getheader("Retry-After") == "1"
+            assert "the server is busy: 2 inputs are waiting (at most 2)" in body["detail"]
+            release.set()
+            assert busy.result(30)[0] == 200 and queued.result(30)[0] == 200
+    finally:
+        release.set()
+        running.stop()
 
 
 def test_sigterm_lets_the_request_in_flight_finish(world, monkeypatch):

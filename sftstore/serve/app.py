@@ -2,8 +2,8 @@
 
 Errors are JSON `{"detail": "<one line>", ...}`: 404 for a ref that resolves to no delta (with the refs
 tried), 409 for a delta made for another base, 413 for too many or too long inputs (with the limits),
-422 for malformed JSON or fields, 502 when a pull from the Hub fails, 503 while shutting down, 500 for
-anything else (the server carries on).
+422 for malformed JSON or fields, 502 when a pull from the Hub fails, 503 while shutting down or when
+too many inputs are already waiting (with `Retry-After`), 500 for anything else (the server carries on).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..registry import load_registry
 from .engine import ServingEngine
 from .metrics import ServeMetrics
 from .pairs import PairNotFound, PairResolver, version_key
-from .scheduler import Scheduler, ServerStopping
+from .scheduler import QueueFull, Scheduler, ServerStopping
 
 _BYTES_PER_CHAR = 12  # the most one character can take in JSON: a surrogate pair of \uXXXX escapes
 
@@ -54,12 +54,12 @@ class PredictRequest(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str, **extra) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, **extra) -> None:
         super().__init__(detail)
-        self.status, self.detail, self.extra = status, detail, extra
+        self.status, self.detail, self.headers, self.extra = status, detail, headers, extra
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"detail": self.detail, **self.extra}, status_code=self.status)
+        return JSONResponse({"detail": self.detail, **self.extra}, status_code=self.status, headers=self.headers)
 
 
 def api_error(exc: Exception) -> ApiError:
@@ -76,6 +76,8 @@ def api_error(exc: Exception) -> ApiError:
         return ApiError(502, str(exc))
     if isinstance(exc, ServerStopping):
         return ApiError(503, str(exc))
+    if isinstance(exc, QueueFull):
+        return ApiError(503, str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, DeltaFormatError):
         return ApiError(500, f"a stored delta is damaged ({exc}); run `sft verify`")
     if isinstance(exc, SftError):

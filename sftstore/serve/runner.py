@@ -38,6 +38,7 @@ class ServeOptions:
     max_inputs: int = 64
     max_input_chars: int = 2000
     max_wait_ms: int = 500
+    max_queued_inputs: int = 1024
     merge_requests: bool = False
 
 
@@ -49,7 +50,8 @@ def build_app(options: ServeOptions, store: DeltaStore | None = None) -> FastAPI
                            max_cached_bytes=options.max_cached_bytes, on_cache_event=metrics.cache_event)
     for ref in options.preload:
         engine.delta(resolve_or_pull(store, DeltaRef.parse(ref), engine.base_id, pull=options.allow_pull))
-    scheduler = Scheduler(engine, metrics, options.max_batch, options.max_wait_ms / 1000, options.merge_requests)
+    scheduler = Scheduler(engine, metrics, options.max_batch, options.max_wait_ms / 1000, options.merge_requests,
+                          options.max_queued_inputs)
     resolver = PairResolver(store, engine.base_id, options.allow_pull)
     return create_app(engine, scheduler, resolver, metrics, Limits(options.max_inputs, options.max_input_chars),
                       allow_pull=options.allow_pull)

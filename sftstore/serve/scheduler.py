@@ -3,7 +3,10 @@
 The worker serves the resident pair's queue first, taking up to `max_batch` inputs of that pair per
 turn. When another pair's oldest request has waited longer than `max_wait` seconds (or the resident
 pair has nothing waiting), it switches to the pair with the oldest waiting request: no pair starves.
-Requests are `concurrent.futures.Future`s, so the HTTP side awaits them without blocking.
+Requests are `concurrent.futures.Future`s, so the HTTP side awaits them without blocking. At most
+`max_queued` inputs wait at once: a request that would go over is refused (`QueueFull`; one alone in an
+empty queue is always taken), so an overloaded server says at once that it is busy rather than letting
+every wait grow.
 
 By default each request of a turn is its own forward pass, so its answer is bit-identical to what a
 one-shot composition of the pair predicts for the same inputs: CPU matrix kernels sum in an order that
@@ -30,6 +33,10 @@ class ServerStopping(RuntimeError):
     """The server is shutting down and takes no new requests."""
 
 
+class QueueFull(RuntimeError):
+    """Taking the request would queue more inputs than the server allows."""
+
+
 @dataclass
 class Job:
     """One request: its pair, its inputs and the future its answer goes to."""
@@ -44,10 +51,11 @@ class Scheduler:
     """`submit` queues a request; the worker thread started by `start` answers; `stop` drains and ends it."""
 
     def __init__(self, engine: ServingEngine, metrics: ServeMetrics, max_batch: int, max_wait: float,
-                 merge: bool = False) -> None:
+                 merge: bool = False, max_queued: int | None = None) -> None:
         self.engine, self.metrics = engine, metrics
-        self.max_batch, self.max_wait, self.merge = max_batch, max_wait, merge
+        self.max_batch, self.max_wait, self.merge, self.max_queued = max_batch, max_wait, merge, max_queued
         self._queues: dict[Hashable, deque[Job]] = {}
+        self._queued = 0  # inputs in `_queues`
         self._condition = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sft-serve-worker", daemon=True)
@@ -58,14 +66,18 @@ class Scheduler:
 
     def queued_inputs(self) -> int:
         with self._condition:
-            return sum(len(job.texts) for queue in self._queues.values() for job in queue)
+            return self._queued
 
     def submit(self, pair: Pair, texts: Sequence[str]) -> Future:
         job = Job(pair, list(texts))
         with self._condition:
             if self._stopping:
                 raise ServerStopping("the server is shutting down; send the request again once it is back")
+            if self.max_queued is not None and self._queued and self._queued + len(job.texts) > self.max_queued:
+                raise QueueFull(f"the server is busy: {self._queued} inputs are waiting (at most {self.max_queued}); "
+                                "send the request again shortly")
             self._queues.setdefault(pair.key, deque()).append(job)
+            self._queued += len(job.texts)
             self._condition.notify()
         return job.future
 
@@ -107,6 +119,7 @@ class Scheduler:
         queue, jobs, inputs = self._queues[key], [], 0
         while queue and (not jobs or inputs + len(queue[0].texts) <= self.max_batch):
             job = queue.popleft()
+            self._queued -= len(job.texts)
             if job.future.set_running_or_notify_cancel():
                 jobs.append(job)
                 inputs += len(job.texts)
