@@ -25,6 +25,7 @@ import uvicorn  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from sftstore.compose import ComposedModel, compose  # noqa: E402
+from sftstore.errors import BaseModelMismatchError  # noqa: E402
 from sftstore.delta import SparseDelta  # noqa: E402
 from sftstore.demo import NER_LABELS, build_tiny_base, synthetic_delta  # noqa: E402
 from sftstore.modeling import base_parameters, head_parameters, load_model, load_tokenizer  # noqa: E402
@@ -325,6 +326,29 @@ def test_the_queue_is_bounded_and_a_request_over_the_bound_is_refused():
     assert scheduler.queued_inputs() == 0
     scheduler.submit(pair, ["x"] * 5)  # alone in an empty queue: taken even over the bound
     assert scheduler.queued_inputs() == 5
+
+
+def test_a_pair_that_one_shot_compose_refuses_is_refused_by_the_server(world, tmp_path):
+    """The shared encoder keeps BERT's pooler, which token classification does not build: a language delta
+    touching it composes with the sequence-classification task and is refused (409) with the NER task, as a
+    one-shot compose does."""
+    store = DeltaStore(tmp_path / "store")
+    for ref in ("task/ner", "task/nli"):
+        store.import_directory(world.store.export(ref, tmp_path / ref.replace("/", "-"), str(world.base)))
+    encoder = load_model(world.base)
+    pooled = synthetic_delta(encoder, 0.3, 11, kind="language", language="pol")
+    assert any(name.startswith("pooler.") for name in pooled.params)
+    store.add(pooled, source={"type": "test"})
+    with pytest.raises(BaseModelMismatchError, match="'pooler."):
+        compose(world.base, [store.load("task/ner", str(world.base)), pooled], device="cpu")
+    running = Server(build_app(options(world), store))
+    try:
+        status, body = running.call("POST", "/v1/predict", request("ner", "pol", ["da kano"]))
+        assert status == 409 and "parameter 'pooler." in body["detail"] and "one-shot compose" in body["detail"]
+        assert running.call("POST", "/v1/predict", request("nli", "pol", ["da kano"]))[0] == 200
+        assert running.call("POST", "/v1/predict", request("ner", None, ["da kano"]))[0] == 200
+    finally:
+        running.stop()
 
 
 def test_an_overloaded_server_answers_503_with_retry_after(world, monkeypatch):

@@ -6,7 +6,10 @@ the new one after the task delta, and a task change reverts everything and adds 
 the language delta, as a one-shot `compose` does (the composer's compositions are canonical anyway), so
 the weights are bit-identical to a fresh one-shot `compose` of the pair. A switch that fails
 before changing anything (a delta that cannot be loaded or does not fit) leaves the resident pair as it
-was; one that fails part-way is rolled back to the previous pair. Used by one thread (the worker).
+was; one that fails part-way is rolled back to the previous pair. A pair is refused when a one-shot
+`compose` would refuse it: a delta touching a base parameter the task's own model class does not build
+(BERT's pooler, which token classification leaves out, although the shared encoder has it). Used by one
+thread (the worker).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 from ..compose import ComposedModel, default_device, parse_dtype
 from ..delta import SparseDelta
 from ..errors import BaseModelMismatchError, SftError
-from ..modeling import fingerprint, load_model, load_tokenizer, model_class_for
+from ..modeling import base_parameters, fingerprint, load_model, load_tokenizer, model_class_for
 from ..predict import Prediction, predict
 from ..settings import base_key
 from ..store import DeltaStore, StoredVersion
@@ -47,6 +50,7 @@ class ServingEngine:
         self.cache = DeltaCache(max_cached_bytes, self._load, on_cache_event)
         self._versions: dict[Hashable, StoredVersion] = {}  # cache key -> StoredVersion, for loading on a miss
         self._heads: dict[Hashable, nn.Module] = {}  # task version key -> task model sharing the encoder
+        self._own_base: dict[Hashable, frozenset[str]] = {}  # task version key -> its model class's base parameters
         self._composed: ComposedModel | None = None
         self.resident: Pair | None = None
 
@@ -82,6 +86,7 @@ class ServingEngine:
             config.id2label, config.label2id = dict(enumerate(labels)), {label: i for i, label in enumerate(labels)}
             with torch.device("meta"):
                 model = model_class_for(pair.task_type).from_config(config)
+            self._own_base[key] = frozenset(base_parameters(model))
             setattr(model, model.base_model_prefix, self.encoder)
             for name, child in model.named_children():
                 if name != model.base_model_prefix:
@@ -91,6 +96,16 @@ class ServingEngine:
             task.check_fits(model)
             self._heads[key] = model.eval()
         return self._heads[key]
+
+    def _check_as_one_shot(self, pair: Pair, model: nn.Module, deltas: Sequence[SparseDelta]) -> None:
+        """Refuse a delta that touches a base parameter `pair`'s task model class does not build."""
+        own = self._own_base[version_key(pair.task)]
+        for delta in deltas:
+            missing = next((name for name in delta.params if name not in own), None)
+            if missing is not None:
+                raise BaseModelMismatchError(
+                    f"delta {delta.name!r}: parameter '{missing}' does not exist in the base model of "
+                    f"{type(model).__name__} (a one-shot compose of this pair refuses it too)")
 
     # ---- the resident pair --------------------------------------------------------------------
 
@@ -103,6 +118,7 @@ class ServingEngine:
         task = self.delta(pair.task, pinned)
         language = self.delta(pair.language, pinned) if pair.language is not None else None
         model = self._task_model(pair, task)
+        self._check_as_one_shot(pair, model, [task] + ([language] if language is not None else []))
         try:
             changed = self._apply(pair, model, task, language)
         except BaseException:
