@@ -1,17 +1,18 @@
 """Adding sparse values into weights in place, keeping the originals for an exact restore.
 
-On the CPU the work goes in chunks spread over `torch.get_num_threads()` Python threads. Float32 weights
-with int32 indices (every parameter below 2**31 elements) take the fused C pass `_sparse_kernel`, built
-at install time where a C compiler is available (`native`): one sweep per chunk gathers each original and adds,
-prefetching the cache lines ahead, without the GIL. Otherwise (no compiler, half-precision weights,
-int64 indices) the pure-PyTorch pass works in chunks of `CHUNK` entries: each chunk gathers the
-originals, then adds while their cache lines are still hot; a chunk is below torch's intra-op grain
-size, so the workers never contend with torch's thread pool. On other devices each parameter is one
-gather and one scatter-add (the device parallelises them itself).
+On the CPU the work goes in chunks, and the chunks go to `torch.get_num_threads()` Python threads, each
+taking a contiguous run with about the same number of entries. Float32 weights with int32 indices (every
+parameter below 2**31 elements) take the C extension's fused pass (`native`, built at install time
+where a C compiler is available): one sweep per chunk gathers each original and adds, prefetching the
+cache lines ahead, without the GIL. Otherwise (no compiler, half-precision weights, int64 indices) the
+pure-PyTorch pass works in chunks of `CHUNK` entries: each chunk gathers the originals, then adds while
+their cache lines are still hot; a chunk is below torch's intra-op grain size, so the workers never
+contend with torch's thread pool. On other devices each parameter is one gather and one scatter-add
+(the device parallelises them itself).
 
-Adding is `flat.index_add_(indices, values)`: with unique indices each weight becomes `weight + value`,
-rounded once, exactly as `before + value`. Half-precision weights add in float32 and round once.
-Restoring writes the originals back (`index_put_`), whatever the weights hold by then.
+Adding is `weight + value` for each unique index, rounded once (`index_add_` on the PyTorch pass), so
+both passes give bit-identical weights. Half-precision weights add in float32 and round once.
+Restoring writes the originals back, whatever the weights hold by then.
 """
 
 from __future__ import annotations
