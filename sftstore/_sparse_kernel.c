@@ -5,7 +5,8 @@
  *
  * Each function takes buffers (numpy arrays or anything with the buffer protocol), checks their item
  * formats and lengths and that every index lies inside the weights *before* writing anything, then runs
- * without the GIL, so callers spread chunks over threads. The sweep prefetches the cache line
+ * without the GIL, so callers spread chunks over threads (the buffers must not change, nor overlap, during
+ * a call). The sweep prefetches the cache line
  * `PREFETCH_DISTANCE` entries ahead into all cache levels: the indices are sorted but sparse (a touched
  * entry is usually its own cache line), so the hardware prefetcher alone leaves most of the memory
  * latency exposed. Measured on the 2-core CI machine (benchmarks/compose.py): distance 32 with
@@ -26,13 +27,18 @@
 
 #define PREFETCH_DISTANCE 32
 
+/* Whether a buffer's struct format is native-order `code` (for 'i', also 'l' where long is 32 bits, as
+ * numpy's int32 is on Windows); sets TypeError naming `what` otherwise. */
 static int
 has_format(const Py_buffer *view, char code, Py_ssize_t itemsize, const char *what)
 {
     const char *format = view->format ? view->format : "B";
-    if (format[0] == '<' || format[0] == '=' || format[0] == '@')
+    const uint16_t probe = 1;
+    const char native_order = *(const uint8_t *)&probe ? '<' : '>';
+    if (format[0] == native_order || format[0] == '=' || format[0] == '@')
         format++;
-    if (view->itemsize != itemsize || format[0] != code || format[1] != '\0') {
+    int matches = format[0] == code || (code == 'i' && format[0] == 'l' && sizeof(long) == 4);
+    if (view->itemsize != itemsize || !matches || format[1] != '\0') {
         PyErr_Format(PyExc_TypeError, "%s: expected a buffer of format '%c' (itemsize %zd), got '%s' (itemsize %zd)",
                      what, code, itemsize, view->format ? view->format : "B", view->itemsize);
         return 0;
@@ -174,7 +180,8 @@ write_back(PyObject *module, PyObject *args)
 }
 
 /* out[i] = (sum of the first i + 1 gaps) - 1, a zero gap standing for the next escape value. Returns 0, or
- * -1 when the escapes run out or an index reaches `limit` (after writing part of `out`). */
+ * -1 when the escapes run out, an escape is not positive or an index reaches `limit` (after writing part
+ * of `out`). */
 static int
 decode(const uint8_t *gaps, Py_ssize_t count, const int32_t *escapes, Py_ssize_t n_escapes, int32_t *out,
        int64_t limit)

@@ -119,7 +119,8 @@ def decode(code: GapCode, numel: int) -> torch.Tensor:
     kernel = native.kernel()
     if kernel is not None and numel < 2**31 and code.escape_values.dtype == torch.int32:
         indices = torch.empty(code.gaps.numel(), dtype=torch.int32)
-        kernel.decode_gaps(code.gaps.numpy(), code.escape_values.contiguous().numpy(), indices.numpy(), numel)
+        kernel.decode_gaps(code.gaps.contiguous().numpy(), code.escape_values.contiguous().numpy(), indices.numpy(),
+                           numel)
         return indices
     # numpy's conversion never spreads over torch's intra-op threads (which contend with the sha256 thread of
     # a load); torch's cumsum is a plain sequential loop, about three times numpy's speed.

@@ -30,7 +30,8 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Use the pure numpy/PyTorch passes inside the block, even where the extension is built (benchmarks, tests)."""
+    """Use the pure numpy/PyTorch passes inside the block, even where the extension is built (benchmarks,
+    tests). The switch is process-wide: it holds for every thread while the block runs."""
     global _enabled
     saved, _enabled = _enabled, False
     try:

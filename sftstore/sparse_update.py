@@ -94,19 +94,21 @@ def _add(job: Job, scale: float) -> Touched:
 
 def _restore(flat: torch.Tensor, touched: Touched) -> None:
     if _fused(flat, touched.indices) and touched.before.dtype == torch.float32:
-        native.kernel().write_back(flat.numpy(), touched.indices.numpy(), touched.before.numpy())
+        indices, before = touched.indices.contiguous(), touched.before.contiguous()
+        native.kernel().write_back(flat.numpy(), indices.numpy(), before.numpy())
         return
     flat.index_put_((touched.indices,), touched.before)  # takes int32 indices as they are (index_copy_ does not)
 
 
 def _balanced(sizes: Sequence[int], parts: int) -> list[slice]:
-    """At most `parts` contiguous slices of `sizes` with near-equal totals (each cut where the running total
-    first reaches its share)."""
+    """At most `parts` contiguous slices of `sizes` with near-equal totals (each cut at the item boundary
+    nearest to its share of the total)."""
     total, cuts, running = sum(sizes), [0], 0
     for position, size in enumerate(sizes):
+        share = total * len(cuts) / parts
+        if len(cuts) < parts and position > cuts[-1] and running + size / 2 > share:
+            cuts.append(position)  # the share lies nearer this item's start than its end
         running += size
-        if len(cuts) < parts and running * parts >= total * len(cuts) and position + 1 < len(sizes):
-            cuts.append(position + 1)
     cuts.append(len(sizes))
     return [slice(start, stop) for start, stop in zip(cuts, cuts[1:]) if stop > start]
 

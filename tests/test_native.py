@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,10 +30,12 @@ def weights_and_jobs(seed: int, values_dtype=torch.float32, weights_dtype=torch.
     return flats, jobs
 
 
-def test_the_kernel_is_built_wherever_a_c_compiler_is():
+def test_the_kernel_is_built_wherever_a_c_compiler_and_python_headers_are():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) here: the pure-PyTorch pass is the one in use")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        pytest.skip("no Python headers here: the pure-PyTorch pass is the one in use")
     assert native.available()
 
 
@@ -61,8 +64,21 @@ def test_the_fused_pass_adds_exactly_what_pytorch_adds(monkeypatch, scale, value
 
 
 @needs_kernel
+def test_the_fused_pass_does_the_adding(monkeypatch):
+    counting = CountingKernel(native.kernel())
+    monkeypatch.setattr(native, "_module", counting)
+    flats, jobs = weights_and_jobs(10)
+    originals = {name: flat.clone() for name, flat in flats.items()}
+    restore(add_in_place(jobs), flats)
+    assert counting.calls == {"add_keeping_originals": 2, "write_back": 2}  # "big" and "small"; "empty" has none
+    assert all(torch.equal(flats[name], originals[name]) for name in flats)
+
+
+@needs_kernel
 def test_either_pass_reverts_what_the_other_added():
     flats, jobs = weights_and_jobs(8)
+    strided = torch.stack([jobs[0].indices, jobs[0].indices], 1)[:, 0]  # the same indices, not contiguous
+    jobs[0] = Job(jobs[0].name, jobs[0].flat, strided, jobs[0].values)
     originals = {name: flat.clone() for name, flat in flats.items()}
     touched = add_in_place(jobs)
     with disabled():
@@ -122,18 +138,42 @@ def test_the_kernel_checks_its_buffers():
     assert not weights.any()
 
 
+class CountingKernel:
+    """The extension, counting the calls of each function."""
+
+    def __init__(self, module) -> None:
+        self.module, self.calls = module, {}
+
+    def __getattr__(self, name):
+        function = getattr(self.module, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return function(*args)
+
+        return counted
+
+
 @needs_kernel
 @pytest.mark.parametrize("numel, density", [(1_000, 0.5), (200_000, 0.001), (300_000, 0.3), (10, 0.0)])
-def test_gap_decoding_gives_the_same_indices_as_numpy(numel, density):
+def test_gap_decoding_gives_the_same_indices_as_numpy(monkeypatch, numel, density):
+    counting = CountingKernel(native.kernel())
+    monkeypatch.setattr(native, "_module", counting)
     generator = torch.Generator().manual_seed(numel)
     indices = (torch.rand(numel, generator=generator) < density).nonzero().squeeze(1).to(torch.int32)
     code = gaps.encode(indices, numel)
     assert density != 0.001 or code.escape_positions.numel() > 10  # sparse enough to need escapes
     gaps.check(code, numel, "w", "test")
     decoded = gaps.decode(code, numel)
+    assert counting.calls == {"decode_gaps": 1}
     with disabled():
         assert torch.equal(gaps.decode(code, numel), indices)
+    assert counting.calls == {"decode_gaps": 1}
     assert decoded.dtype == torch.int32 and torch.equal(decoded, indices)
+
+    strided = gaps.GapCode(torch.stack([code.gaps, code.gaps], 1)[:, 0], code.escape_positions, code.escape_values)
+    assert not strided.gaps.is_contiguous() or strided.gaps.numel() <= 1
+    assert torch.equal(gaps.decode(strided, numel), indices)
 
 
 @needs_kernel

@@ -4,8 +4,8 @@ The worker serves the resident pair's queue first, taking up to `max_batch` inpu
 turn. When another pair's oldest request has waited longer than `max_wait` seconds (or the resident
 pair has nothing waiting), it switches to the pair with the oldest waiting request: no pair starves.
 Requests are `concurrent.futures.Future`s, so the HTTP side awaits them without blocking. At most
-`max_queued` inputs wait at once: a request that would go over is refused (`QueueFull`; one alone in an
-empty queue is always taken), so an overloaded server says at once that it is busy rather than letting
+`max_queued` inputs wait at once (a cancelled request counts until the worker drops it): a request that
+would go over is refused (`QueueFull`; one alone in an empty queue is always taken), so an overloaded server says at once that it is busy rather than letting
 every wait grow.
 
 By default each request of a turn is its own forward pass, so its answer is bit-identical to what a
