@@ -11,7 +11,9 @@ delta and a task (NER) delta:
   which this script creates (`--venv`) and fills from the package registry on first use.
 
 Reported per delta: Jaccard of the two selected supports (target >= 0.99), the max abs difference of the
-stored values after phase 2 over every base entry (target <= 1e-5), the entries each stored, and the
+stored values after phase 2 over every base entry (target <= 1e-5), the same difference between two runs
+of ours that differ only in BERT's attention kernel (eager and SDPA: the same arithmetic, rounded
+differently), which shows how far rounding alone carries the values, the entries each stored, and the
 entity F1 of each side's composed model (base + its language delta + its task delta and head) on the
 same test file (MasakhaNER Hausa test; the task delta trains on CoNLL-2003 English, the language delta
 on Hausa text, all shipped in `sftstore/data`). The reference has no Rand-SFT or BitFit (its
@@ -187,20 +189,21 @@ def training_arguments(output_dir: Path, opts) -> TrainingArguments:
     )
 
 
-def run_ours(kind: str, method: str, model_dir: Path, data: Path, k: int, opts, work: Path):
-    """Our run: (support as {base name: flat indices}, stored values as dense {base name: tensor}, head)."""
+def run_ours(kind: str, method: str, model_dir: Path, data: Path, k: int, opts, work: Path, attention: str):
+    """Our run with BERT's `attention` kernel: (support as {base name: flat indices}, stored values as dense
+    {base name: tensor}, head, digests of the starting weights)."""
     tensors = load_file(str(data))
     rows = [{key: tensors[key][i] for key in tensors} for i in range(len(tensors["input_ids"]))]
 
     def make_model():
         model = (prepare_mlm_model(model_dir) if kind == "language"
                  else BertForTokenClassification.from_pretrained(model_dir).train())
-        model.set_attn_implementation(opts.attention)
+        model.set_attn_implementation(attention)
         return model
 
     sft = SparseFineTuningArguments(method=method, num_params=k, l1_lambda=opts.l1 if kind == "language" else 0.0,
                                     phase1_overrides={"max_steps": opts.phase1_steps}, seed=opts.seed)
-    result = train_sparse(make_model, training_arguments(work / f"ours-{kind}-{method}", opts), sft,
+    result = train_sparse(make_model, training_arguments(work / f"ours-{kind}-{method}-{attention}", opts), sft,
                           trainer_class=InOrder, train_dataset=rows, data_collator=default_data_collator)
     shapes = {n: p.shape for n, p in base_parameters(result.model).items()}
     values = {n: torch.zeros(shapes[n]).view(-1).index_put_((d.indices.long(),), d.values).view(shapes[n])
@@ -329,7 +332,9 @@ def main() -> None:
                     prepare_mlm_model(model_dir) if kind == "language" else BertForTokenClassification.from_pretrained(model_dir)
                 ).values() if p.requires_grad)
                 k = round(opts.density * maskable)
-                ours = run_ours(kind, method, model_dir, data[kind], k, opts, work)
+                ours = run_ours(kind, method, model_dir, data[kind], k, opts, work, opts.attention)
+                rounded = run_ours(kind, method, model_dir, data[kind], k, opts, work,
+                                   "sdpa" if opts.attention == "eager" else "eager")
                 given = None
                 if method != "lt-sft":  # the reference trains inside our support
                     given = {n: torch.zeros(shapes[n].numel(), dtype=torch.uint8).index_fill_(0, i, 1).view(shapes[n])
@@ -344,6 +349,7 @@ def main() -> None:
                     "stored": f"{stored_entries(ours[1])} / {stored_entries(ref[1])}",
                     "jaccard": jaccard(ours[0], ref[0]) if method == "lt-sft" else None,
                     "max_abs": max_abs_difference(ours[1], ref[1], shapes),
+                    "rounding": max_abs_difference(ours[1], rounded[1], shapes),
                 })
             for side in ("ours", "reference"):
                 lang, task = sides[side]["language"], sides[side]["task"]
@@ -354,13 +360,14 @@ def main() -> None:
 
 def print_table(rows: list[dict], opts) -> None:
     header = ["method", "delta", "K", "selected ours / ref", "stored ours / ref", "support Jaccard",
-              "max abs diff", "F1 en dev ours / ref", "F1 hau test ours / ref"]
+              "max abs diff", "ours: eager vs SDPA", "F1 en dev ours / ref", "F1 hau test ours / ref"]
 
     def f1(row: dict, which: int) -> str:
         return f"{row['f1 ours'][which]:.4f} / {row['f1 reference'][which]:.4f}" if "f1 ours" in row else ""
 
     body = [[r["method"], r["delta"], str(r["k"]), r["selected"], r["stored"],
-             "given" if r["jaccard"] is None else f"{r['jaccard']:.4f}", f"{r['max_abs']:.2e}", f1(r, 0), f1(r, 1)]
+             "given" if r["jaccard"] is None else f"{r['jaccard']:.4f}", f"{r['max_abs']:.2e}", f"{r['rounding']:.2e}",
+             f1(r, 0), f1(r, 1)]
             for r in rows]
     print(f"phase 1 {opts.phase1_steps} steps, phase 2 {opts.phase2_steps} steps, batch {opts.batch_size}, "
           f"lr {opts.learning_rate}, density {opts.density}, attention {opts.attention}, L1 {opts.l1} (language"
