@@ -35,8 +35,8 @@ composable-sft", for why each is needed):
   i.e. the penalty on the maskable entries only, as ours (its default also pulls the MLM head; the
   head is not part of a language delta).
 
-Run (the venv is created once, ~10 minutes; the full table then takes ~25 CPU-minutes, mostly the MLM
-head's 30,522-word softmax; `--methods lt-sft --phase1-steps 60 --phase2-steps 100`: ~3 minutes):
+Run (the venv is created once, ~10 minutes; the full table then takes ~8 minutes on 2 cores, mostly the
+MLM head's 30,522-word softmax; `--methods lt-sft`: ~4 minutes):
 
     git clone https://github.com/cambridgeltl/composable-sft /tmp/composable-sft
     python benchmarks/reference.py --reference /tmp/composable-sft
@@ -307,6 +307,9 @@ def main() -> None:
                              "(README, 'Equivalence with composable-sft')")
     parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
                         help="our side's BERT attention kernel (the reference's transformers 4.37 has eager only)")
+    parser.add_argument("--keep-reference-ties", action="store_true",
+                        help="LT-SFT: our side selects as many entries as the reference kept (it keeps every entry tied "
+                             "with the K-th), so both train the same support")
     parser.add_argument("--density", type=float, default=0.05, help="K as a fraction of the maskable entries")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--hidden", type=int, default=64)
@@ -337,14 +340,18 @@ def main() -> None:
                     prepare_mlm_model(model_dir) if kind == "language" else BertForTokenClassification.from_pretrained(model_dir)
                 ).values() if p.requires_grad)
                 k = round(opts.density * maskable)
-                ours = run_ours(kind, method, model_dir, data[kind], k, opts, work, opts.attention)
-                rounded = run_ours(kind, method, model_dir, data[kind], k, opts, work,
-                                   "sdpa" if opts.attention == "eager" else "eager")
-                given = None
-                if method != "lt-sft":  # the reference trains inside our support
+                if method == "lt-sft":  # each side selects its own support
+                    ref = run_reference(python, opts.reference, kind, method, model_dir, data[kind], k, opts, work, None)
+                    kept = sum(i.numel() for i in ref[0].values()) if opts.keep_reference_ties else k
+                    ours = run_ours(kind, method, model_dir, data[kind], kept, opts, work, opts.attention)
+                else:  # the reference trains inside our support
+                    kept = k
+                    ours = run_ours(kind, method, model_dir, data[kind], k, opts, work, opts.attention)
                     given = {n: torch.zeros(shapes[n].numel(), dtype=torch.uint8).index_fill_(0, i, 1).view(shapes[n])
                              for n, i in ours[0].items()}
-                ref = run_reference(python, opts.reference, kind, method, model_dir, data[kind], k, opts, work, given)
+                    ref = run_reference(python, opts.reference, kind, method, model_dir, data[kind], k, opts, work, given)
+                rounded = run_ours(kind, method, model_dir, data[kind], kept, opts, work,
+                                   "sdpa" if opts.attention == "eager" else "eager")
                 if ours[3] != ref[3]:
                     sys.exit(f"{kind}: the two sides did not start from the same weights")
                 sides["ours"][kind], sides["reference"][kind] = ours, ref
@@ -375,7 +382,8 @@ def print_table(rows: list[dict], opts) -> None:
              f1(r, 0), f1(r, 1)]
             for r in rows]
     print(f"phase 1 {opts.phase1_steps} steps, phase 2 {opts.phase2_steps} steps, batch {opts.batch_size}, "
-          f"lr {opts.learning_rate}, density {opts.density}, attention {opts.attention}, L1 {opts.l1} (language"
+          f"lr {opts.learning_rate}, density {opts.density}, attention {opts.attention}, "
+          f"{'our K = the reference kept, ' if opts.keep_reference_ties else ''}L1 {opts.l1} (language"
           f"{', reference theta0 detached' if opts.detach_reference_theta0 else ''}), dropout {opts.dropout}, "
           f"seed {opts.seed}; F1: task delta on CoNLL-2003 en dev, language + task deltas on MasakhaNER hau test")
     if opts.markdown:
