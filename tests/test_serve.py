@@ -351,8 +351,8 @@ def test_a_pair_that_one_shot_compose_refuses_is_refused_by_the_server(world, tm
         running.stop()
 
 
-def test_an_overloaded_server_answers_503_with_retry_after(world, monkeypatch):
-    running = Server(build_app(options(world, max_queued_inputs=2), world.store))
+def hold_predictions(running: Server, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the model worker wait inside each prediction until `release` is set; `entered` is set once it waits."""
     engine = running.app.state.engine
     entered, release = threading.Event(), threading.Event()
     original = engine.predict
@@ -363,6 +363,12 @@ def test_an_overloaded_server_answers_503_with_retry_after(world, monkeypatch):
         return original(texts)
 
     monkeypatch.setattr(engine, "predict", slow_predict)
+    return entered, release
+
+
+def test_an_overloaded_server_answers_503_with_retry_after(world, monkeypatch):
+    running = Server(build_app(options(world, max_queued_inputs=2), world.store))
+    entered, release = hold_predictions(running, monkeypatch)
     try:
         with ThreadPoolExecutor(2) as pool:
             busy = pool.submit(running.call, "POST", "/v1/predict", request("ner", "hau", ["da kano"]))
@@ -389,16 +395,7 @@ def test_an_overloaded_server_answers_503_with_retry_after(world, monkeypatch):
 
 def test_sigterm_lets_the_request_in_flight_finish(world, monkeypatch):
     running = Server(build_app(options(world), world.store))
-    engine = running.app.state.engine
-    entered, release = threading.Event(), threading.Event()
-    original = engine.predict
-
-    def slow_predict(texts):
-        entered.set()
-        release.wait(30)
-        return original(texts)
-
-    monkeypatch.setattr(engine, "predict", slow_predict)
+    entered, release = hold_predictions(running, monkeypatch)
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(running.call, "POST", "/v1/predict", request("ner", "hau", ["da kano"]))
         assert entered.wait(30)
