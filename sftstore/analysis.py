@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .delta import SparseDelta, layer_of
+from .delta import SparseDelta
+from .summary import ParameterSummary, by_layer, layer_of
 
 MODULE_TYPES = ("embeddings", "attention", "ffn", "layernorm", "pooler", "other")
 
@@ -93,12 +94,8 @@ class SupportView:
         A `SparseDelta` only records the shapes of the parameters it changes, so a layer's density
         is relative to those touched parameters, not to all of the layer's parameters in the base.
         """
-        totals: dict[str, list[int]] = {}
-        for pname, p in self.params.items():
-            row = totals.setdefault(layer_of(pname), [0, 0])
-            row[0] += p.indices.numel()
-            row[1] += p.numel
-        return {layer: (nnz / numel if numel else 0.0) for layer, (nnz, numel) in sorted(totals.items())}
+        layers = by_layer(ParameterSummary(pname, (), p.numel, p.indices.numel()) for pname, p in self.params.items())
+        return {row.name: row.density for row in sorted(layers, key=lambda row: row.name)}
 
 
 @dataclass(frozen=True)

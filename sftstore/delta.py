@@ -20,7 +20,7 @@ from .modeling import base_parameters, fingerprint, head_parameters
 from .settings import base_key
 from .sparse_update import Job, Touched, add_in_place, restore
 from .subnetworks import SubnetworkMasks
-from .summary import layer_of
+from .summary import ParameterSummary, by_layer
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,18 +155,6 @@ def _check_masks(masks: Mapping[str, torch.Tensor], params: Mapping[str, nn.Para
             )
 
 
-@dataclass(frozen=True)
-class ParameterSummary:
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    nnz: int
-
-    @property
-    def density(self) -> float:
-        return self.nnz / self.numel if self.numel else 0.0
-
-
 class SparseDelta:
     """Sparse differences from a base model's parameters, the task head (if any) and a manifest.
 
@@ -292,12 +280,7 @@ class SparseDelta:
 
     def layer_summary(self) -> list[ParameterSummary]:
         """Non-zeros per layer (`embeddings`, `encoder.layer.N`, ...), over the touched parameters."""
-        layers: dict[str, list[int]] = {}
-        for row in self.summary():
-            totals = layers.setdefault(layer_of(row.name), [0, 0])
-            totals[0] += row.numel
-            totals[1] += row.nnz
-        return [ParameterSummary(layer, (), numel, nnz) for layer, (numel, nnz) in layers.items()]
+        return by_layer(self.summary())
 
     def __repr__(self) -> str:
         return (

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,27 @@ def layer_of(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class LayerCount:
-    """Non-zeros of one layer over the parameters a delta touches."""
+class ParameterSummary:
+    """Size and non-zeros of one parameter, or (shape `()`) of one layer's touched parameters."""
 
     name: str
+    shape: tuple[int, ...]
     numel: int
     nnz: int
 
     @property
     def density(self) -> float:
         return self.nnz / self.numel if self.numel else 0.0
+
+
+def by_layer(rows: Iterable[ParameterSummary]) -> list[ParameterSummary]:
+    """Parameter rows summed per layer (`layer_of`), layers in the order their first parameter comes."""
+    totals: dict[str, list[int]] = {}
+    for row in rows:
+        counts = totals.setdefault(layer_of(row.name), [0, 0])
+        counts[0] += row.numel
+        counts[1] += row.nnz
+    return [ParameterSummary(layer, (), numel, nnz) for layer, (numel, nnz) in totals.items()]
 
 
 def header_length(prefix: bytes, file_size: int, path: Path) -> int:
@@ -96,20 +108,18 @@ def manifest_fields(config_path: Path) -> dict[str, Any]:
     return manifest
 
 
-def layer_counts(tensors_path: Path) -> list[LayerCount]:
+def layer_counts(tensors_path: Path) -> list[ParameterSummary]:
     """Non-zeros per layer (`embeddings`, `encoder.layer.N`, ...) of a delta's tensors file, from its header:
     each parameter's size from the metadata's `shapes`, its non-zeros from the length of `P::values`."""
     header, _ = read_header(tensors_path)
     shapes = _shapes(header, tensors_path)
-    totals: dict[str, list[int]] = {}
+    rows = []
     for key, entry in header.items():
-        if not key.endswith(_VALUES_SUFFIX) or not isinstance(entry, dict):
-            continue
-        name = key.removesuffix(_VALUES_SUFFIX)
-        counts = totals.setdefault(layer_of(name), [0, 0])
-        counts[0] += _numel(shapes.get(name), tensors_path, name)
-        counts[1] += _numel(entry.get("shape"), tensors_path, key)
-    return [LayerCount(name, numel, nnz) for name, (numel, nnz) in totals.items()]
+        if key.endswith(_VALUES_SUFFIX) and isinstance(entry, dict):
+            name = key.removesuffix(_VALUES_SUFFIX)
+            numel = _numel(shapes.get(name), tensors_path, name)
+            rows.append(ParameterSummary(name, tuple(shapes[name]), numel, _numel(entry.get("shape"), tensors_path, key)))
+    return by_layer(rows)
 
 
 def mask_counts(masks_path: Path) -> dict[str, int]:
