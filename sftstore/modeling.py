@@ -23,6 +23,8 @@ _UNFINGERPRINTED_PREFIXES = ("pooler.",)
 _SAMPLES_PER_PARAMETER = 64
 
 TASK_TYPES = ("masked-lm", "token-classification", "sequence-classification", "feature-extraction")
+# Model types whose position ids start after the padding index.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text")
 
 
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -39,6 +41,16 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters outside the base model (the task head), with their full names in `model`."""
     in_base = {id(p) for p in base_parameters(model).values()}
     return {name: p for name, p in model.named_parameters() if id(p) not in in_base}
+
+
+def position_limit(config) -> int | None:
+    """The longest input (in tokens, special tokens included) a model with this config takes; None: no limit known."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
 
 
 @dataclass(frozen=True)

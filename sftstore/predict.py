@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import SftError
+from .modeling import position_limit
 
 PREDICTABLE_TASK_TYPES = ("token-classification", "sequence-classification")
 _OUTSIDE = "O"
@@ -69,11 +70,7 @@ def task_type_of(deltas) -> str:
 
 def max_tokens(model: nn.Module, tokenizer) -> int:
     """The longest input (in tokens) the model's position embeddings and the tokenizer allow."""
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
-    if config.model_type in ("roberta", "xlm-roberta", "camembert"):  # positions start after the padding index
-        positions -= config.pad_token_id + 1
-    return min(positions, tokenizer.model_max_length)
+    return min(position_limit(model.config) or tokenizer.model_max_length, tokenizer.model_max_length)
 
 
 @torch.inference_mode()

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from ..modeling import loading_base
+from ..modeling import loading_base, position_limit
 from .progress import Progress, bars_wanted, echo
 from .slow_fast import SlowFastPolicy
 
 # Architectures whose position ids start after the padding id (RoBERTa's scheme): pad_token_id + 1 fewer usable.
-_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text")
 
 
 @dataclass
@@ -106,16 +105,6 @@ class TrainingOptions:
         if self.phase1_max_steps is not None:
             overrides["max_steps"] = self.phase1_max_steps
         return overrides
-
-
-def position_limit(config) -> int | None:
-    """The longest input (in tokens, special tokens included) a model with this config takes; None: no limit known."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-        return None
-    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
-        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
-    return limit
 
 
 def fit_max_length(config, max_length: int) -> int:
