@@ -50,8 +50,7 @@ def _parse_refs(ctx, param, value: str) -> tuple[str, ...]:
               help="How long another pair's request may wait while the resident pair's queue is served.")
 @click.option("--max-queued-inputs", type=click.IntRange(1), default=1024, show_default=True,
               help="Most inputs waiting for the model; a request that would go over gets 503 with Retry-After.")
-def serve_command(base, device, dtype, host, port, preload, max_cached_bytes, allow_pull, max_batch, merge_requests,
-                  max_inputs, max_input_chars, max_wait_ms, max_queued_inputs) -> None:
+def serve_command(**options) -> None:
     """Serve predictions over HTTP: one base model in memory, deltas hot-swapped per (task, language) pair.
 
     POST /v1/predict {"task": "ner", "lang": "hau", "inputs": ["..."]}; GET /v1/deltas, /healthz,
@@ -62,8 +61,4 @@ def serve_command(base, device, dtype, host, port, preload, max_cached_bytes, al
         from sftstore.serve.runner import ServeOptions, serve
     except ModuleNotFoundError as exc:
         raise click.UsageError(f"sft serve needs {exc.name}: pip install \"sftstore[serve]\"") from None
-    serve(ServeOptions(base=base, device=device, dtype=dtype, host=host, port=port, preload=preload,
-                       max_cached_bytes=max_cached_bytes, allow_pull=allow_pull, max_batch=max_batch,
-                       max_inputs=max_inputs, max_input_chars=max_input_chars, max_wait_ms=max_wait_ms,
-                       max_queued_inputs=max_queued_inputs, merge_requests=merge_requests),
-          echo=click.echo)
+    serve(ServeOptions(**options), echo=click.echo)  # the options are named as ServeOptions' fields

@@ -202,10 +202,11 @@ def resolve_or_pull(
     for name in stored_names(ref, entry):
         if store.list(base=base, kind=ref.kind, name=name):
             version = store.resolve(DeltaRef(ref.kind, name, ref.selector), base)
-            stored_labels = store.manifest(version).get("labels") or []
-            if labels and list(labels) != stored_labels:
-                raise StoreError(f"{version.ref} is stored with labels {stored_labels}, not {list(labels)}; drop "
-                                 f"--labels, or `sft rm {version.ref}` to pull it again with these labels")
+            if labels:  # the manifest is read only to compare labels
+                stored_labels = store.manifest(version).get("labels") or []
+                if list(labels) != stored_labels:
+                    raise StoreError(f"{version.ref} is stored with labels {stored_labels}, not {list(labels)}; drop "
+                                     f"--labels, or `sft rm {version.ref}` to pull it again with these labels")
             return version
     missing = f"no delta {DeltaRef(ref.kind, ref.name)} in the store for base {base!r}"
     if entry is None:

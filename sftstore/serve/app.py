@@ -20,10 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import BaseModelMismatchError, DeltaFormatError, InvalidNameError, SftError, first_line
+from ..errors import BaseModelMismatchError, DeltaFormatError, SftError, first_line
 from ..network import NetworkError
 from ..predict import PREDICTABLE_TASK_TYPES
-from ..registry import load_registry
 from .engine import ServingEngine
 from .metrics import ServeMetrics
 from .pairs import PairNotFound, PairResolver, version_key
@@ -70,8 +69,6 @@ def api_error(exc: Exception) -> ApiError:
         return ApiError(404, str(exc), tried=exc.tried)
     if isinstance(exc, BaseModelMismatchError):
         return ApiError(409, str(exc))
-    if isinstance(exc, InvalidNameError):
-        return ApiError(422, str(exc))
     if isinstance(exc, NetworkError):
         return ApiError(502, str(exc))
     if isinstance(exc, ServerStopping):
@@ -97,13 +94,13 @@ def _payload(body: bytes, limits: Limits) -> PredictRequest:
         raise ApiError(422, f"field {errors[0]['field']!r}: {errors[0]['message']}", errors=errors) from None
     if not payload.inputs:
         raise ApiError(422, "field 'inputs': expected at least one text")
-    limit = asdict(limits)
     if len(payload.inputs) > limits.max_inputs:
-        raise ApiError(413, f"{len(payload.inputs)} inputs; at most {limits.max_inputs} per request", limits=limit)
+        raise ApiError(413, f"{len(payload.inputs)} inputs; at most {limits.max_inputs} per request",
+                       limits=asdict(limits))
     longest = max(range(len(payload.inputs)), key=lambda i: len(payload.inputs[i]))
     if len(payload.inputs[longest]) > limits.max_input_chars:
         raise ApiError(413, f"input {longest} has {len(payload.inputs[longest])} characters; at most "
-                            f"{limits.max_input_chars}", limits=limit)
+                            f"{limits.max_input_chars}", limits=asdict(limits))
     return payload
 
 
@@ -119,7 +116,7 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def create_app(engine: ServingEngine, scheduler: Scheduler, resolver: PairResolver, metrics: ServeMetrics,
-               limits: Limits, allow_pull: bool = False) -> FastAPI:
+               limits: Limits) -> FastAPI:
     """The API over a loaded engine; the scheduler's worker runs from start-up to shutdown."""
 
     @contextlib.asynccontextmanager
@@ -165,9 +162,9 @@ def create_app(engine: ServingEngine, scheduler: Scheduler, resolver: PairResolv
                          "task_type": task_type, "servable": v.kind == "language" or task_type in PREDICTABLE_TASK_TYPES,
                          "nnz": v.nnz, "size": v.size, "cached": version_key(v) in engine.cache})
         listing = {"base": resolver.base, "resident": _resident(), "deltas": rows}
-        if allow_pull:
+        if resolver.allow_pull:
             listing["pullable"] = [{"kind": e.kind, "name": e.name, "aliases": list(e.aliases), "repo_id": e.repo_id}
-                                   for e in load_registry().search(base=resolver.base)]
+                                   for e in resolver.registry.search(base=resolver.base)]
         return listing
 
     def _resident() -> dict | None:

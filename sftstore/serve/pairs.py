@@ -47,6 +47,7 @@ class PairResolver:
 
     def __init__(self, store: DeltaStore, base: str, allow_pull: bool) -> None:
         self.store, self.base, self.allow_pull = store, base, allow_pull
+        self.registry = load_registry()  # read once: it does not change while the server runs
         self._task_types: dict[Hashable, str | None] = {}
 
     def resolve(self, task: str, lang: str | None) -> Pair:
@@ -72,8 +73,8 @@ class PairResolver:
             field = "task" if kind == "task" else "lang"
             raise InvalidNameError(f"field {field!r}: {text!r} names a {ref.kind} delta; expected a {kind} delta")
         try:
-            return resolve_or_pull(self.store, ref, self.base, pull=self.allow_pull)
+            return resolve_or_pull(self.store, ref, self.base, pull=self.allow_pull, registry=self.registry)
         except RefNotFoundError as exc:
-            entry = load_registry().find(self.base, ref.kind, ref.name)
+            entry = self.registry.find(self.base, ref.kind, ref.name)
             tried = [str(DeltaRef(ref.kind, name, ref.selector)) for name in stored_names(ref, entry)]
             raise PairNotFound(str(exc), tried) from None

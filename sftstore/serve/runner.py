@@ -48,13 +48,13 @@ def build_app(options: ServeOptions, store: DeltaStore | None = None) -> FastAPI
     metrics = ServeMetrics()
     engine = ServingEngine(options.base, store, device=options.device, dtype=options.dtype,
                            max_cached_bytes=options.max_cached_bytes, on_cache_event=metrics.cache_event)
+    resolver = PairResolver(store, engine.base_id, options.allow_pull)
     for ref in options.preload:
-        engine.delta(resolve_or_pull(store, DeltaRef.parse(ref), engine.base_id, pull=options.allow_pull))
+        engine.delta(resolve_or_pull(store, DeltaRef.parse(ref), engine.base_id, pull=options.allow_pull,
+                                     registry=resolver.registry))
     scheduler = Scheduler(engine, metrics, options.max_batch, options.max_wait_ms / 1000, options.merge_requests,
                           options.max_queued_inputs)
-    resolver = PairResolver(store, engine.base_id, options.allow_pull)
-    return create_app(engine, scheduler, resolver, metrics, Limits(options.max_inputs, options.max_input_chars),
-                      allow_pull=options.allow_pull)
+    return create_app(engine, scheduler, resolver, metrics, Limits(options.max_inputs, options.max_input_chars))
 
 
 def listen(host: str, port: int) -> socket.socket:

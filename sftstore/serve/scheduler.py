@@ -84,22 +84,22 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self) -> None:
         """Answer what is queued, then end the worker."""
         with self._condition:
             self._stopping = True
             self._condition.notify()
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join()
 
     # ---- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._condition:
-                while not self._stopping and not any(self._queues.values()):
+                while not self._stopping and not self._queues:  # a queue leaves `_queues` when it empties
                     self._condition.wait()
-                if not any(self._queues.values()):
+                if not self._queues:
                     return
                 jobs = self._take(self._choose())
             if jobs:
@@ -107,7 +107,7 @@ class Scheduler:
 
     def _choose(self) -> Hashable:
         """The resident pair while it has requests and nobody else waited over `max_wait`; else the oldest waiting."""
-        waiting = {key: queue for key, queue in self._queues.items() if queue}
+        waiting = self._queues
         oldest = min(waiting, key=lambda key: waiting[key][0].enqueued)
         resident = self.engine.resident.key if self.engine.resident is not None else None
         if resident in waiting and time.monotonic() - waiting[oldest][0].enqueued <= self.max_wait:
