@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from sftstore import SftError, __version__
-from sftstore.naming import DeltaRef
+from sftstore.naming import DeltaRef, kind_prefix
 from sftstore.store import StoredVersion
 
 from .common import (
@@ -465,7 +465,7 @@ def search(base, any_base, lang, task, as_json) -> None:
         formats = ", ".join(sorted({e.format for e in group}))
         table = new_table("delta", "repo", "composes")
         for e in group:
-            name = f"{'lang' if e.kind == 'language' else 'task'}/{e.name}"
+            name = f"{kind_prefix(e.kind)}/{e.name}"
             repo = e.repo_id if e.revision == "main" else f"{e.repo_id}@{e.revision}"
             table.add_row(f"{name} ({','.join(e.aliases)})" if e.aliases else name, repo, "no" if e.unsupported else "yes")
         print_table(table, f"base {short_base(group_base)} ({formats}; {verified} of {len(group)} verified)")

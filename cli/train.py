@@ -128,10 +128,10 @@ def build_arguments(defaults: dict, cli_values: dict):
     if _given("density") and cli_values["num_params"] is not None:
         raise click.UsageError("give K either as --density or as --num-params, not both")
     num_params = cli_values["num_params"]
-    density = None if num_params is not None else pick("density")
+    density = None if num_params is not None else cli_values["density"]  # --density and --l1 always have a value
     sft = None if cli_values["method"] == "s4" else SparseFineTuningArguments(
         method=cli_values["method"], num_params=num_params, density=density,
-        l1_lambda=pick("l1") if cli_values["l1_lambda"] is None else cli_values["l1_lambda"],
+        l1_lambda=cli_values["l1_lambda"],
         rounds=cli_values["rounds"], seed=cli_values["seed"],
     )
     options = TrainingOptions(
@@ -233,7 +233,7 @@ def train_task(base, task, train_files, dev_files, source_lang, name, adapt, lan
     from sftstore.train.task import TaskData, train_task_delta
 
     store = open_store()
-    sft, options = build_arguments({"density": TASK_DENSITY, "l1": 0.0, "max_steps": None, **TASK_DEFAULTS[task]}, values)
+    sft, options = build_arguments({"max_steps": None, **TASK_DEFAULTS[task]}, values)
     if pruning and values["method"] != "s4":
         raise click.UsageError("--pruning is an S4-Tuning ablation: use it with --method s4")
     if values["method"] == "s4":

@@ -166,11 +166,12 @@ def run_demo(workdir: str | Path | None = None, echo: Callable[[str], None] = pr
     with tempfile.TemporaryDirectory(prefix="sft-demo-runs-") as runs:  # checkpoints: not kept
         versions, composed, scores, sentences = _train_and_score(base, store, Path(runs), budget, echo, bars_wanted(None))
     test_path = shipped_data("ner/hau/test.txt")
+    test_sha256 = sha256_of_files(test_path)
     recorded = {(tuple(r["deltas"]), r["data_sha256"]) for r in store.results(versions["ner"].base)}
     for name, used in (("task/ner", ["ner"]), ("task/ner + lang/en", ["ner", "en"]),
                        ("task/ner + lang/hau", ["ner", "hau"])):
-        if (tuple(versions[key].ref for key in used), sha256_of_files(test_path)) not in recorded:  # a re-run: kept
-            store.record_result([versions[key] for key in used], str(test_path), sha256_of_files(test_path), scores[name])
+        if (tuple(versions[key].ref for key in used), test_sha256) not in recorded:  # a re-run: kept
+            store.record_result([versions[key] for key in used], str(test_path), test_sha256, scores[name])
     echo(f"MasakhaNER Hausa test ({sentences} sentences), entity F1:")
     for name in ("task/ner", "task/ner + lang/hau", "task/ner + lang/en"):
         metrics = scores[name]

@@ -62,6 +62,8 @@ class TrainingProgress(TrainerCallback):
         self.train_bar = self.eval_bar = None
         self.loss: float | None = None
         self.best: float | None = None
+        self.started, self.first_step = time.monotonic(), 0  # set again when training begins
+        self.quieted: tuple[int, bool] | None = None  # transformers' log settings while the run silences them
 
     def _name(self, args) -> str:
         phase = Path(args.output_dir).name  # the run's phase (phase1, phase2, full) or its directory
@@ -127,7 +129,7 @@ class TrainingProgress(TrainerCallback):
         if self.train_bar is not None:
             self.train_bar.close()
             self.train_bar = None
-        if getattr(self, "quieted", None):
+        if self.quieted is not None:
             verbosity, bars = self.quieted
             hf_logging.set_verbosity(verbosity)
             if bars:
