@@ -47,7 +47,8 @@ import torch
 import uvicorn
 from transformers import AutoModel, AutoTokenizer, XLMRobertaConfig
 
-from compose import random_params  # benchmarks/compose.py (the script's folder is on sys.path)
+from compose import random_params, timed  # benchmarks/compose.py (the script's folder is on sys.path)
+from masks import proc_status_bytes  # benchmarks/masks.py
 from sftstore.compose import compose
 from sftstore.config import BaseModelInfo, DeltaConfig
 from sftstore.delta import SparseDelta
@@ -66,11 +67,6 @@ NLI_LABELS = ["entailment", "neutral", "contradiction"]
 TASKS = {"ner": ("token-classification", NER_LABELS), "nli": ("sequence-classification", NLI_LABELS)}
 LANGUAGES = ("hau", "swa", "yor", "wol")
 LANGUAGE_DENSITY, TASK_DENSITY = 0.028, 0.051
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def build_base(directory: Path, minilm: bool, small: bool) -> Path:
@@ -149,14 +145,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 def swap_times(engine, resolver: PairResolver, first: tuple[str, str], second: tuple[str, str], repeats: int) -> list[float]:
     pairs = [resolver.resolve(*first), resolver.resolve(*second)]
     engine.switch(pairs[0])
-    times = []
-    for i in range(repeats):
-        started = time.perf_counter()
-        engine.switch(pairs[(i + 1) % 2])
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        times.append(time.perf_counter() - started)
-    return times
+    return [timed(lambda pair=pairs[(i + 1) % 2]: engine.switch(pair), engine.device)[0] for i in range(repeats)]
 
 
 def run(name: str, minilm: bool, args: argparse.Namespace) -> list[list[str]]:
@@ -165,7 +154,7 @@ def run(name: str, minilm: bool, args: argparse.Namespace) -> list[list[str]]:
         store = DeltaStore(Path(tmp) / "store")
         base_bytes = fill_store(store, base_dir)
         gc.collect()
-        rss_before = rss_bytes()
+        rss_before = proc_status_bytes("VmRSS")
         app = build_app(ServeOptions(base=str(base_dir), device=args.device, max_batch=32, max_inputs=8), store)
         engine = app.state.engine
         sock = listen("127.0.0.1", 0)
@@ -185,7 +174,7 @@ def run(name: str, minilm: bool, args: argparse.Namespace) -> list[list[str]]:
             latencies = list(pool.map(lambda r: post(port, {"task": r[0], "lang": r[1], "inputs": r[2]}), requests))
         wall = time.perf_counter() - started
         swaps = sum(engine_swaps(app).values()) - swaps_before
-        rss_after = rss_bytes()
+        rss_after = proc_status_bytes("VmRSS")
         server.should_exit = True
         thread.join(60)
         resolver = PairResolver(store, engine.base_id, False)

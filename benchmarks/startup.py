@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from table import render_table  # benchmarks/table.py (the script's folder is on sys.path)
+
 TARGET_SECONDS = 0.3
 
 
@@ -61,15 +63,7 @@ def main() -> None:
     header = ("command", "wall", "x python -c pass", "/ import torch", f"target <= {TARGET_SECONDS} s")
     lines = [(name, f"{wall:.3f} s", f"{wall / python:.1f}x", f"{wall / torch:.2f}",
               "met" if wall <= TARGET_SECONDS else "MISSED") for name, wall in rows]
-    if args.markdown:
-        print("| " + " | ".join(header) + " |\n|---|---:|---:|---:|:---|")
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-    else:
-        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-        for row in [header, *lines]:
-            print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width)
-                            in enumerate(zip(row, widths))))
+    print(render_table(header, lines, args.markdown))
 
 
 if __name__ == "__main__":
