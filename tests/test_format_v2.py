@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.torch import save_file
 from safetensors_bytes import split_header
 from sftstore_cli.main import cli
-from test_format import assert_same_delta
+from test_format import assert_same_delta, read_manifest, read_tensors_file
 
 from sftstore import SparseDelta
 from sftstore.errors import DeltaFormatError
@@ -50,14 +49,13 @@ def artifact(escaped_delta, tmp_path) -> Path:
 
 
 def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(directory / TENSORS_FILE), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata())  # noqa: SIM118
+    return read_tensors_file(directory / TENSORS_FILE)
 
 
 def rewrite(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Replace the tensors file; fix the manifest's sha256 and nnz so that the check under test fires."""
     save_file({key: t.contiguous() for key, t in tensors.items()}, str(directory / TENSORS_FILE), metadata=metadata)
-    manifest = json.loads((directory / CONFIG_FILE).read_text())
+    manifest = read_manifest(directory)
     manifest["tensors_sha256"] = hashlib.sha256((directory / TENSORS_FILE).read_bytes()).hexdigest()
     manifest["nnz"] = sum(t.numel() for key, t in tensors.items() if key.endswith("::values"))
     (directory / CONFIG_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -69,7 +67,7 @@ def rewrite(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def test_writers_default_to_version_2(artifact, escaped_delta):
     tensors, metadata = read_tensors(artifact)
     assert metadata["format_version"] == "2"
-    assert json.loads((artifact / CONFIG_FILE).read_text())["format_version"] == 2
+    assert read_manifest(artifact)["format_version"] == 2
     assert tensors[f"{P}::gaps"].tolist() == [0, 1, 255, 0, 1, 0]
     for part, expected in ESCAPES.items():
         assert tensors[f"{P}::{part}"].dtype == torch.int32 and tensors[f"{P}::{part}"].tolist() == expected
@@ -81,9 +79,10 @@ def test_versions_1_and_2_hold_the_same_delta_and_2_is_smaller(escaped_delta, tm
     two = escaped_delta.save_pretrained(tmp_path / "two", format_version=2)
     assert_same_delta(SparseDelta.from_pretrained(one), SparseDelta.from_pretrained(two))
     bodies = [len(split_header((d / TENSORS_FILE).read_bytes())[1]) for d in (one, two)]
-    escaped = sum(read_tensors(two)[0][key].numel() for key in read_tensors(two)[0] if key.endswith("::escape_values"))
+    tensors, _ = read_tensors(two)
+    escaped = sum(tensor.numel() for key, tensor in tensors.items() if key.endswith("::escape_values"))
     assert bodies[0] - bodies[1] == 3 * escaped_delta.nnz - 8 * escaped  # 1 byte per index, 8 per escape, not 4
-    manifests = [json.loads((d / CONFIG_FILE).read_text()) for d in (one, two)]
+    manifests = [read_manifest(d) for d in (one, two)]
     for manifest in manifests:
         del manifest["format_version"], manifest["tensors_sha256"]
     assert manifests[0] == manifests[1]
@@ -175,7 +174,7 @@ def test_convert_and_cli_export_write_either_version(artifact, escaped_delta, tm
     result = runner.invoke(cli, ["export", "lang/hau", str(tmp_path / "v1"), "--format-version", "1"])
     assert result.exit_code == 0, result.output
     assert read_tensors(tmp_path / "v1")[1]["format_version"] == "1"
-    assert json.loads((tmp_path / "v1" / CONFIG_FILE).read_text())["format_version"] == 1
+    assert read_manifest(tmp_path / "v1")["format_version"] == 1
     assert_same_delta(escaped_delta, SparseDelta.from_pretrained(tmp_path / "v1"))
     assert runner.invoke(cli, ["export", "lang/hau", str(tmp_path / "same")]).exit_code == 0
     assert (tmp_path / "same" / TENSORS_FILE).read_bytes() == (artifact / TENSORS_FILE).read_bytes()  # as stored

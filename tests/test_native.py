@@ -30,6 +30,22 @@ def weights_and_jobs(seed: int, values_dtype=torch.float32, weights_dtype=torch.
     return flats, jobs
 
 
+class CountingKernel:
+    """The extension, counting the calls of each function."""
+
+    def __init__(self, module) -> None:
+        self.module, self.calls = module, {}
+
+    def __getattr__(self, name):
+        function = getattr(self.module, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return function(*args)
+
+        return counted
+
+
 def test_the_kernel_is_built_wherever_a_c_compiler_and_python_headers_are():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
@@ -136,22 +152,6 @@ def test_the_kernel_checks_its_buffers():
     with pytest.raises(BufferError):
         kernel.add_keeping_originals(weights, indices, two, bytes(8))  # `before` must be writable
     assert not weights.any()
-
-
-class CountingKernel:
-    """The extension, counting the calls of each function."""
-
-    def __init__(self, module) -> None:
-        self.module, self.calls = module, {}
-
-    def __getattr__(self, name):
-        function = getattr(self.module, name)
-
-        def counted(*args):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return function(*args)
-
-        return counted
 
 
 @needs_kernel

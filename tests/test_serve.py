@@ -273,6 +273,8 @@ def test_deltas_healthz_and_metrics(server):
     assert status == 200 and health["status"] == "ok" and health["device"] == "cpu"
     before = {name: metric(server, name) for name in ("sft_batch_inputs_count", "sft_request_seconds_count")}
     misses = metric(server, "sft_delta_cache_total", event="miss")
+    assert server.call("POST", "/v1/predict", request("pos", None, ["x"]))[0] == 404  # counted, not this test's order
+    before["sft_request_seconds_count"] += 1
     assert server.call("POST", "/v1/predict", request("nli", "swa", TEXTS))[0] == 200
     assert metric(server, "sft_batch_inputs_count") == before["sft_batch_inputs_count"] + 1
     assert metric(server, "sft_request_seconds_count") == before["sft_request_seconds_count"] + 1
@@ -396,15 +398,19 @@ def test_an_overloaded_server_answers_503_with_retry_after(world, monkeypatch):
 def test_sigterm_lets_the_request_in_flight_finish(world, monkeypatch):
     running = Server(build_app(options(world), world.store))
     entered, release = hold_predictions(running, monkeypatch)
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(running.call, "POST", "/v1/predict", request("ner", "hau", ["da kano"]))
-        assert entered.wait(30)
-        status, health = running.call("GET", "/healthz")  # the HTTP side answers while the model works
-        assert status == 200 and health["resident"] == {"task": "task/ner@1", "lang": "lang/hau@1"}
-        running.uvicorn.handle_exit(signal.SIGTERM, None)  # what uvicorn's SIGTERM handler does
-        time.sleep(0.2)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(running.call, "POST", "/v1/predict", request("ner", "hau", ["da kano"]))
+            assert entered.wait(30)
+            status, health = running.call("GET", "/healthz")  # the HTTP side answers while the model works
+            assert status == 200 and health["resident"] == {"task": "task/ner@1", "lang": "lang/hau@1"}
+            running.uvicorn.handle_exit(signal.SIGTERM, None)  # what uvicorn's SIGTERM handler does
+            time.sleep(0.2)
+            release.set()
+            status, body = answer.result(30)
+    finally:  # a failed assertion must not leave the worker waiting and the server running
         release.set()
-        status, body = answer.result(30)
+        running.stop()
     assert status == 200 and len(body["predictions"]) == 1
     running.thread.join(30)
     assert not running.thread.is_alive() and not running.app.state.scheduler.alive
