@@ -33,7 +33,7 @@ from .config import FORMAT_VERSION, FORMAT_VERSIONS, MANIFEST_REQUIRED, MAX_MANI
 from .delta import ParameterDelta, SparseDelta, index_dtype_for, validate_tensors
 from .errors import DeltaFormatError
 from .subnetworks import SubnetworkMasks
-from .summary import decode_header, header_length
+from .summary import decode_header, header_length, metadata_json
 
 TENSORS_FILE = "sft_delta.safetensors"
 CONFIG_FILE = "sft_config.json"
@@ -347,7 +347,7 @@ def _load_safetensors(
     tensors = _tensors_of(data, header, path)
     metadata = _read_metadata(header, path, format_name, str(version))
     try:
-        shapes = _metadata_json(metadata, "shapes", path)
+        shapes = metadata_json(metadata, "shapes", path)
         if not isinstance(shapes, dict):
             raise ValueError("not an object")
     except ValueError as exc:
@@ -405,18 +405,10 @@ def _tensors_of(data: bytes | np.ndarray, header: dict[str, Any], path: Path) ->
     return tensors
 
 
-def _metadata_json(metadata: dict[str, Any], key: str, path: Path) -> Any:
-    """A JSON value held as a string in safetensors metadata, read bounded (depth, keys given twice)."""
-    value = metadata.get(key, "")
-    if not isinstance(value, str):
-        raise DeltaFormatError(f"{path}: metadata {key!r} is {brief(value)}; expected a JSON string")
-    return load_json(value.encode("utf-8", "surrogatepass"), path, "JSON")
-
-
 def _parse_masks(data: bytes, path: Path) -> SubnetworkMasks:
     tensors, shapes, metadata = _load_safetensors(data, path, MASKS_FORMAT_NAME, MASKS_FORMAT_VERSION)
     try:
-        languages = _metadata_json(metadata, "languages", path)
+        languages = metadata_json(metadata, "languages", path)
         if not isinstance(languages, list) or not languages or not all(isinstance(lang, str) for lang in languages):
             raise ValueError("not a non-empty list of strings")
     except ValueError as exc:

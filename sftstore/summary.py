@@ -6,7 +6,6 @@ the files' sha256 when it took them in, and `sft verify` re-checks them).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -73,6 +72,21 @@ def decode_header(raw: bytes, path: Path) -> dict[str, Any]:
     return header
 
 
+def metadata_json(metadata: dict[str, Any], key: str, path: Path, default: str = "") -> Any:
+    """A JSON value held as a string in safetensors metadata, read bounded (depth, keys given twice)."""
+    value = metadata.get(key, default)
+    if not isinstance(value, str):
+        raise DeltaFormatError(f"{path}: metadata {key!r} is {brief(value)}; expected a JSON string")
+    return load_json(value.encode("utf-8", "surrogatepass"), path, "JSON")
+
+
+def _metadata(header: dict[str, Any], path: Path) -> dict[str, Any]:
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise DeltaFormatError(f"{path}: metadata is {brief(metadata)}; expected a JSON object of strings")
+    return metadata
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's JSON header and the offset where its data starts, reading only the header."""
     with open(path, "rb") as handle:
@@ -81,11 +95,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def _shapes(header: dict[str, Any], path: Path) -> dict[str, list[int]]:
-    metadata = header.get("__metadata__") or {}
-    try:
-        shapes = json.loads(metadata.get("shapes", "{}"))
-    except (TypeError, ValueError, AttributeError):
-        shapes = None
+    shapes = metadata_json(_metadata(header, path), "shapes", path, default="{}")
     if not isinstance(shapes, dict):
         raise DeltaFormatError(f"{path}: metadata 'shapes' is {brief(shapes)}; expected a JSON object")
     return shapes
@@ -124,15 +134,13 @@ def layer_counts(tensors_path: Path) -> list[ParameterSummary]:
 
 def mask_counts(masks_path: Path) -> dict[str, int]:
     """Entries in each language's sub-network mask (set bits of its packed `LANG::P` tensors)."""
-    header, start = read_header(masks_path)
-    try:
-        languages = json.loads((header.get("__metadata__") or {}).get("languages", "[]"))
-    except (TypeError, ValueError, AttributeError):
-        languages = None
+    data = masks_path.read_bytes()  # the header and the packed bits: one read
+    length = header_length(data[:8], len(data), masks_path)
+    header, start = decode_header(data[8 : 8 + length], masks_path), 8 + length
+    languages = metadata_json(_metadata(header, masks_path), "languages", masks_path, default="[]")
     if not isinstance(languages, list) or not all(isinstance(code, str) for code in languages):
         raise DeltaFormatError(f"{masks_path}: metadata 'languages' is {brief(languages)}; expected a list of codes")
     counts = dict.fromkeys(languages, 0)
-    data = masks_path.read_bytes()
     for key, entry in header.items():
         language, _, _ = key.partition("::")
         if language in counts and isinstance(entry, dict):
