@@ -317,11 +317,7 @@ def export(ref, directory, base, fmt, format_version, as_json) -> None:
     if format_version is not None and fmt != "sftstore":
         raise click.UsageError("--format-version applies to --format sftstore only")
     if fmt == "sftstore":
-        out = store.export(version.ref, directory, version.base)
-        if format_version is not None:
-            from sftstore.format import convert_artifact
-
-            convert_artifact(out, int(format_version))
+        out = store.export(version, directory, format_version=int(format_version) if format_version else None)
     else:
         from sftstore.interop import base_model_prefix_for, to_composable_sft
 

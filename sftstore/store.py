@@ -500,12 +500,17 @@ class DeltaStore:
         return read_delta(self.blob_path(version.tensors_sha256), self.blob_path(version.config_sha256), device=device,
                           masks_path=masks)
 
-    def export(self, ref: str | DeltaRef, directory: str | os.PathLike, base: str | None = None) -> Path:
-        """Write a stored version out as an artifact directory (the same files that were stored)."""
-        from .format import write_artifact
+    def export(self, ref: str | DeltaRef | StoredVersion, directory: str | os.PathLike, base: str | None = None,
+               format_version: int | None = None) -> Path:
+        """Write a stored version out as an artifact directory: the files that were stored, or the artifact
+        converted to `format_version` (validated first) when it is stored in another."""
+        from .format import CONFIG_FILE, artifact_files, check_format_version, delta_from_files, write_artifact
 
-        version = self.resolve(ref, base)
-        return write_artifact({name: self.blob_path(sha).read_bytes() for name, sha in version.blobs.items()}, directory)
+        version = ref if isinstance(ref, StoredVersion) else self.resolve(ref, base)
+        files = {name: self.blob_path(sha).read_bytes() for name, sha in version.blobs.items()}
+        if format_version is not None and json.loads(files[CONFIG_FILE])["format_version"] != format_version:
+            files = artifact_files(delta_from_files(files, directory), check_format_version(format_version))
+        return write_artifact(files, directory)
 
     # ---- changing -----------------------------------------------------------------------------
 
