@@ -80,6 +80,7 @@ from sftstore.train.data import (
 )
 from sftstore.train.language import prepare_mlm_model
 from sftstore.train.lt_sft import SparseFineTuningArguments, train_sparse
+from sftstore.train.masks import jaccard
 from sftstore.train.sparse_trainer import SparseFineTuningTrainer
 from sftstore.train.task import TaskData, evaluate_task
 
@@ -247,13 +248,10 @@ def run_reference(python: Path, reference: Path, kind: str, method: str, model_d
     return {n: m.reshape(-1).nonzero().squeeze(1) for n, m in masks.items()}, values, part("head"), theta0
 
 
-def jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    inter = union = 0
-    for name in set(a) | set(b):
-        x = set(a.get(name, torch.empty(0, dtype=torch.long)).tolist())
-        y = set(b.get(name, torch.empty(0, dtype=torch.long)).tolist())
-        inter, union = inter + len(x & y), union + len(x | y)
-    return inter / union if union else 1.0
+def as_masks(support: dict[str, torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
+    """A support ({name: flat indices}) as boolean masks of the parameters' shapes."""
+    return {name: torch.zeros(shapes[name].numel(), dtype=torch.bool).index_fill_(0, indices.long(), True)
+            .view(shapes[name]) for name, indices in support.items()}
 
 
 def max_abs_difference(a: tuple, b: tuple) -> float:
@@ -332,14 +330,15 @@ def main() -> None:
         base_dir, ner_dir = build_base(work, opts.seed, opts.hidden, opts.layers, opts.dropout, labels)
         data = write_data(work, opts, labels)
         shapes = {n: p.shape for n, p in base_parameters(BertForTokenClassification.from_pretrained(ner_dir)).items()}
+        models = {"language": (base_dir, prepare_mlm_model(base_dir)),
+                  "task": (ner_dir, BertForTokenClassification.from_pretrained(ner_dir))}
+        maskable = {kind: sum(p.numel() for p in base_parameters(model).values() if p.requires_grad)
+                    for kind, (_, model) in models.items()}
         rows = []
         for method in opts.methods.split(","):
             sides = {"ours": {}, "reference": {}}
-            for kind, model_dir in (("language", base_dir), ("task", ner_dir)):
-                maskable = sum(p.numel() for p in base_parameters(
-                    prepare_mlm_model(model_dir) if kind == "language" else BertForTokenClassification.from_pretrained(model_dir)
-                ).values() if p.requires_grad)
-                k = round(opts.density * maskable)
+            for kind, (model_dir, _) in models.items():
+                k = round(opts.density * maskable[kind])
                 if method == "lt-sft":  # each side selects its own support
                     ref = run_reference(python, opts.reference, kind, method, model_dir, data[kind], k, opts, work, None)
                     kept = sum(i.numel() for i in ref[0].values()) if opts.keep_reference_ties else k
@@ -347,8 +346,7 @@ def main() -> None:
                 else:  # the reference trains inside our support
                     kept = k
                     ours = run_ours(kind, method, model_dir, data[kind], k, opts, work, opts.attention)
-                    given = {n: torch.zeros(shapes[n].numel(), dtype=torch.uint8).index_fill_(0, i, 1).view(shapes[n])
-                             for n, i in ours[0].items()}
+                    given = {n: mask.to(torch.uint8) for n, mask in as_masks(ours[0], shapes).items()}
                     ref = run_reference(python, opts.reference, kind, method, model_dir, data[kind], k, opts, work, given)
                 rounded = run_ours(kind, method, model_dir, data[kind], kept, opts, work,
                                    "sdpa" if opts.attention == "eager" else "eager")
@@ -359,7 +357,7 @@ def main() -> None:
                     "method": method, "delta": kind, "k": k,
                     "selected": f"{sum(i.numel() for i in ours[0].values())} / {sum(i.numel() for i in ref[0].values())}",
                     "stored": f"{stored_entries(ours[1])} / {stored_entries(ref[1])}",
-                    "jaccard": jaccard(ours[0], ref[0]) if method == "lt-sft" else None,
+                    "jaccard": jaccard(as_masks(ours[0], shapes), as_masks(ref[0], shapes)) if method == "lt-sft" else None,
                     "max_abs": max_abs_difference(ours, ref),
                     "rounding": max_abs_difference(ours, rounded),
                 })
