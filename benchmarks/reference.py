@@ -83,6 +83,7 @@ from sftstore.train.lt_sft import SparseFineTuningArguments, train_sparse
 from sftstore.train.masks import jaccard
 from sftstore.train.sparse_trainer import SparseFineTuningTrainer
 from sftstore.train.task import TaskData, evaluate_task
+from table import render_table  # benchmarks/table.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "reference_driver.py"
@@ -384,15 +385,7 @@ def print_table(rows: list[dict], opts) -> None:
           f"{'our K = the reference kept, ' if opts.keep_reference_ties else ''}L1 {opts.l1} (language"
           f"{', reference theta0 detached' if opts.detach_reference_theta0 else ''}), dropout {opts.dropout}, "
           f"seed {opts.seed}; F1: task delta on CoNLL-2003 en dev, language + task deltas on MasakhaNER hau test")
-    if opts.markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join(" --- " for _ in header) + "|")
-        for line in body:
-            print("| " + " | ".join(line) + " |")
-        return
-    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
-    for line in [header, *body]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(render_table(header, body, opts.markdown))
 
 
 if __name__ == "__main__":
